@@ -1,0 +1,295 @@
+//! The typed configuration: one TOML file, environment overrides, validation that names the key
+//! and the fix, and compilation into [`Pipeline`]s.
+//!
+//! Unknown keys are errors. Environment variables `CDCFLOW__<SECTION>__<KEY>=value` override
+//! a key (`CDCFLOW__STATE__PATH=/var/lib/cdcflow/state.db`); the value is read as a TOML value
+//! when it parses as one, else as text.
+
+mod model;
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use regex::Regex;
+use thiserror::Error;
+
+use crate::cdc::Decoder;
+use crate::engine::{CompiledRules, Pipeline, PipelineSettings, RuleCompileError};
+
+pub use model::{
+    Config, EventsConfig, FormatConfig, LimitsConfig, PayloadConfig, PipelineConfig, ReplayConfig,
+    RuleConfig, StateConfig, VersionBy, VersionConfig,
+};
+
+/// Prefix of environment overrides; `__` separates key segments.
+pub const ENV_PREFIX: &str = "CDCFLOW__";
+
+/// Why a config cannot be used. Each message names the key and what would be valid.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file `{path}`: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file `{path}` is not valid TOML: {message}")]
+    Syntax { path: String, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+    #[error("environment override `{variable}`: {message}")]
+    Override { variable: String, message: String },
+    #[error(transparent)]
+    Rule(#[from] RuleCompileError),
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// Which input topics a pipeline reads.
+#[derive(Debug, Clone)]
+pub struct TopicRoute {
+    pub topics: HashSet<String>,
+    pub pattern: Option<Regex>,
+}
+
+impl TopicRoute {
+    pub fn matches(&self, topic: &str) -> bool {
+        self.topics.contains(topic) || self.pattern.as_ref().is_some_and(|re| re.is_match(topic))
+    }
+}
+
+impl Config {
+    /// Reads, overrides from the process environment, and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string(), std::env::vars())
+    }
+
+    /// Parses config text with the given environment; `origin` names the text in errors.
+    pub fn parse(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|error| ConfigError::Syntax {
+            path: origin.to_owned(),
+            message: error.to_string(),
+        })?;
+        for (variable, value) in env {
+            if let Some(path) = variable.strip_prefix(ENV_PREFIX) {
+                apply_override(&mut table, &variable, path, &value)?;
+            }
+        }
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|error| {
+                let key = error.path().to_string();
+                invalid(key, error.into_inner().to_string())
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.pipelines.is_empty() {
+            return Err(invalid(
+                "pipeline",
+                "no pipeline is defined; add a [[pipeline]] table with a name, topics and rules",
+            ));
+        }
+        if !(1..=128).contains(&self.limits.max_nesting_depth) {
+            return Err(invalid(
+                "limits.max_nesting_depth",
+                format!(
+                    "{} is out of range: use 1 to 128",
+                    self.limits.max_nesting_depth
+                ),
+            ));
+        }
+        if self.limits.max_record_bytes == 0 {
+            return Err(invalid("limits.max_record_bytes", "must be at least 1"));
+        }
+        if self.replay.batch_size == 0 {
+            return Err(invalid("replay.batch_size", "must be at least 1"));
+        }
+        let mut names = HashSet::new();
+        for (index, pipeline) in self.pipelines.iter().enumerate() {
+            let at = |key: &str| format!("pipeline[{index}].{key}");
+            if !is_identifier(&pipeline.name) {
+                return Err(invalid(
+                    at("name"),
+                    format!(
+                        "`{}` is not a valid name: use letters, digits, `_`, `-` and `.`",
+                        pipeline.name
+                    ),
+                ));
+            }
+            if !names.insert(pipeline.name.as_str()) {
+                return Err(invalid(
+                    at("name"),
+                    format!(
+                        "pipeline `{}` is defined twice; names must be unique",
+                        pipeline.name
+                    ),
+                ));
+            }
+            if pipeline.topics.is_empty() && pipeline.topic_pattern.is_none() {
+                return Err(invalid(
+                    at("topics"),
+                    "the pipeline reads no topic: set `topics = [\"server.schema.table\"]` or `topic_pattern`",
+                ));
+            }
+            if let Some(pattern) = &pipeline.topic_pattern {
+                Regex::new(pattern).map_err(|error| {
+                    invalid(at("topic_pattern"), format!("not a valid regex: {error}"))
+                })?;
+            }
+            match (&pipeline.version.by, &pipeline.version.column) {
+                (VersionBy::Column, None) => {
+                    return Err(invalid(
+                        at("version.column"),
+                        "version.by = \"column\" needs the column: set version.column = \"<integer column>\"",
+                    ));
+                }
+                (VersionBy::SourcePosition | VersionBy::TsMs, Some(_)) => {
+                    return Err(invalid(
+                        at("version.column"),
+                        "only used with version.by = \"column\"; remove it or change version.by",
+                    ));
+                }
+                _ => {}
+            }
+            if pipeline.version.connector.is_some()
+                && pipeline.version.by != VersionBy::SourcePosition
+            {
+                return Err(invalid(
+                    at("version.connector"),
+                    "only used with version.by = \"source_position\"; remove it or change version.by",
+                ));
+            }
+            let mut rule_names = HashSet::new();
+            for (rule_index, rule) in pipeline.rules.iter().enumerate() {
+                let rule_at = |key: &str| at(&format!("rule[{rule_index}].{key}"));
+                if !is_identifier(&rule.name) {
+                    return Err(invalid(
+                        rule_at("name"),
+                        format!(
+                            "`{}` is not a valid name: use letters, digits, `_`, `-` and `.`",
+                            rule.name
+                        ),
+                    ));
+                }
+                if !rule_names.insert(rule.name.as_str()) {
+                    return Err(invalid(
+                        rule_at("name"),
+                        format!(
+                            "rule `{}` is defined twice in pipeline `{}`",
+                            rule.name, pipeline.name
+                        ),
+                    ));
+                }
+                if rule.event_type.trim().is_empty() {
+                    return Err(invalid(
+                        rule_at("event_type"),
+                        "must name the CloudEvents type, e.g. \"com.example.order.paid\"",
+                    ));
+                }
+                if rule.topic.trim().is_empty() {
+                    return Err(invalid(rule_at("topic"), "must name the output topic"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Compiles every pipeline (rules included) with its topic route.
+    pub fn build_pipelines(&self) -> Result<Vec<(TopicRoute, Pipeline)>, ConfigError> {
+        self.pipelines
+            .iter()
+            .map(|pipeline| {
+                let rules = CompiledRules::compile(
+                    &pipeline.name,
+                    &pipeline
+                        .rules
+                        .iter()
+                        .map(RuleConfig::to_spec)
+                        .collect::<Vec<_>>(),
+                )?;
+                let route = TopicRoute {
+                    topics: pipeline.topics.iter().cloned().collect(),
+                    pattern: pipeline
+                        .topic_pattern
+                        .as_deref()
+                        .map(|pattern| Regex::new(&format!("^(?:{pattern})$")))
+                        .transpose()
+                        .map_err(|error| invalid("topic_pattern", error.to_string()))?,
+                };
+                let settings = PipelineSettings {
+                    name: pipeline.name.clone(),
+                    decoder: Decoder {
+                        limits: self.limits.to_decode_limits(),
+                        format: pipeline.format.to_format(),
+                        key_fields: pipeline.key_fields.clone(),
+                    },
+                    version: pipeline.version.to_spec(),
+                    rules,
+                    dlq_topic: pipeline.dlq_topic(),
+                    audit_topic: pipeline.audit_topic.clone(),
+                    event_source: format!("{}/{}", self.events.source_prefix, pipeline.name),
+                    event_mode: self.events.mode.to_mode(),
+                };
+                Ok((route, Pipeline::new(settings)))
+            })
+            .collect()
+    }
+}
+
+fn is_identifier(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// Sets `a.b.c` (from `A__B__C`) in `table` to `value`.
+fn apply_override(
+    table: &mut toml::Table,
+    variable: &str,
+    path: &str,
+    value: &str,
+) -> Result<(), ConfigError> {
+    let segments: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+    if segments.iter().any(String::is_empty) {
+        return Err(ConfigError::Override {
+            variable: variable.to_owned(),
+            message: "empty key segment; use CDCFLOW__SECTION__KEY".to_owned(),
+        });
+    }
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut wrapper| wrapper.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_owned()));
+    let (last, parents) = segments.split_last().ok_or_else(|| ConfigError::Override {
+        variable: variable.to_owned(),
+        message: "no key given".to_owned(),
+    })?;
+    let mut current = table;
+    for segment in parents {
+        let entry = current
+            .entry(segment.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = entry.as_table_mut().ok_or_else(|| ConfigError::Override {
+            variable: variable.to_owned(),
+            message: format!("`{segment}` is not a table, so it has no keys to override"),
+        })?;
+    }
+    current.insert(last.clone(), parsed);
+    Ok(())
+}

@@ -1,0 +1,339 @@
+//! The config file's shape. Every field is documented for users; `schemas/config.schema.json`
+//! mirrors it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::cdc::{DecodeLimits, EnvelopeFormat};
+use crate::engine::{Connector, EventMode, PayloadSpec, RuleSpec, VersionSource, VersionSpec};
+
+/// The whole config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where entity state lives.
+    #[serde(default)]
+    pub state: StateConfig,
+    /// Limits that protect the process from hostile records.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// How business events are written.
+    #[serde(default)]
+    pub events: EventsConfig,
+    /// Settings of `cdcflow replay`.
+    #[serde(default)]
+    pub replay: ReplayConfig,
+    /// The pipelines: one per source table (or group of topics).
+    #[serde(rename = "pipeline", default)]
+    pub pipelines: Vec<PipelineConfig>,
+}
+
+/// `[state]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// SQLite file holding per-entity state; created if missing. Default `cdcflow-state.db`.
+    #[serde(default = "default_state_path")]
+    pub path: PathBuf,
+    /// Entity states kept in memory in front of the store. Default 100,000.
+    #[serde(default = "default_cache_entries")]
+    pub cache_entries: usize,
+}
+
+fn default_state_path() -> PathBuf {
+    PathBuf::from("cdcflow-state.db")
+}
+
+fn default_cache_entries() -> usize {
+    100_000
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            path: default_state_path(),
+            cache_entries: default_cache_entries(),
+        }
+    }
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Records whose key plus value exceed this many bytes go to the DLQ. Default 1 MiB
+    /// (Kafka's default `message.max.bytes` is about the same).
+    #[serde(default = "default_max_record_bytes")]
+    pub max_record_bytes: usize,
+    /// JSON nested deeper than this goes to the DLQ. Default 64, at most 128.
+    #[serde(default = "default_max_nesting_depth")]
+    pub max_nesting_depth: usize,
+}
+
+fn default_max_record_bytes() -> usize {
+    DecodeLimits::default().max_record_bytes
+}
+
+fn default_max_nesting_depth() -> usize {
+    DecodeLimits::default().max_nesting_depth
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_record_bytes: default_max_record_bytes(),
+            max_nesting_depth: default_max_nesting_depth(),
+        }
+    }
+}
+
+impl LimitsConfig {
+    pub fn to_decode_limits(&self) -> DecodeLimits {
+        DecodeLimits {
+            max_record_bytes: self.max_record_bytes,
+            max_nesting_depth: self.max_nesting_depth,
+        }
+    }
+}
+
+/// `[events]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// `structured` (default: the whole CloudEvent as JSON value) or `binary` (`data` as the
+    /// value, attributes as `ce_` headers).
+    #[serde(default)]
+    pub mode: EventModeConfig,
+    /// CloudEvents `source` prefix; the pipeline name is appended. Default `/cdcflow/pipelines`.
+    #[serde(default = "default_source_prefix")]
+    pub source_prefix: String,
+}
+
+fn default_source_prefix() -> String {
+    "/cdcflow/pipelines".to_owned()
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            mode: EventModeConfig::default(),
+            source_prefix: default_source_prefix(),
+        }
+    }
+}
+
+/// CloudEvents content mode.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EventModeConfig {
+    #[default]
+    Structured,
+    Binary,
+}
+
+impl EventModeConfig {
+    pub fn to_mode(self) -> EventMode {
+        match self {
+            EventModeConfig::Structured => EventMode::Structured,
+            EventModeConfig::Binary => EventMode::Binary,
+        }
+    }
+}
+
+/// `[replay]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayConfig {
+    /// Records per batch: one state transaction per batch. Default 5,000.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+}
+
+fn default_batch_size() -> usize {
+    5_000
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        ReplayConfig {
+            batch_size: default_batch_size(),
+        }
+    }
+}
+
+/// `[[pipeline]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Unique name; part of event ids, so renaming a pipeline changes its ids.
+    pub name: String,
+    /// Input topics, e.g. `["dbserver1.public.orders"]`.
+    #[serde(default)]
+    pub topics: Vec<String>,
+    /// A regex matched against whole topic names, in addition to `topics`.
+    #[serde(default)]
+    pub topic_pattern: Option<String>,
+    /// `auto` (default), `envelope` or `flattened`.
+    #[serde(default)]
+    pub format: FormatConfig,
+    /// Row fields that identify the entity when a record has no key.
+    #[serde(default)]
+    pub key_fields: Vec<String>,
+    /// How versions are read.
+    #[serde(default)]
+    pub version: VersionConfig,
+    /// Dead-letter topic. Default `cdcflow.dlq.<name>`.
+    #[serde(default)]
+    pub dlq_topic: Option<String>,
+    /// Topic that receives one small record per dropped (duplicate or stale) change. Off by
+    /// default.
+    #[serde(default)]
+    pub audit_topic: Option<String>,
+    /// The rules that derive business events.
+    #[serde(rename = "rule", default)]
+    pub rules: Vec<RuleConfig>,
+}
+
+impl PipelineConfig {
+    pub fn dlq_topic(&self) -> String {
+        self.dlq_topic
+            .clone()
+            .unwrap_or_else(|| format!("cdcflow.dlq.{}", self.name))
+    }
+}
+
+/// The value layout of a pipeline's topics.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FormatConfig {
+    #[default]
+    Auto,
+    Envelope,
+    Flattened,
+}
+
+impl FormatConfig {
+    pub fn to_format(self) -> EnvelopeFormat {
+        match self {
+            FormatConfig::Auto => EnvelopeFormat::Auto,
+            FormatConfig::Envelope => EnvelopeFormat::Envelope,
+            FormatConfig::Flattened => EnvelopeFormat::Flattened,
+        }
+    }
+}
+
+/// `[pipeline.version]`
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct VersionConfig {
+    /// `source_position` (default), `column` or `ts_ms`.
+    #[serde(default)]
+    pub by: VersionBy,
+    /// The integer version column, with `by = "column"`.
+    #[serde(default)]
+    pub column: Option<String>,
+    /// With `by = "source_position"`: `postgresql`, `mysql`, `mariadb`, `sqlserver` or
+    /// `oracle`. Default: read `source.connector` of each record.
+    #[serde(default)]
+    pub connector: Option<ConnectorConfig>,
+    /// An integer column that orders snapshot reads of one entity, which share a position.
+    #[serde(default)]
+    pub snapshot_column: Option<String>,
+}
+
+impl VersionConfig {
+    pub fn to_spec(&self) -> VersionSpec {
+        let source = match self.by {
+            VersionBy::SourcePosition => {
+                VersionSource::SourcePosition(self.connector.map(ConnectorConfig::to_connector))
+            }
+            VersionBy::Column => VersionSource::Column(self.column.clone().unwrap_or_default()),
+            VersionBy::TsMs => VersionSource::TsMs,
+        };
+        VersionSpec {
+            source,
+            snapshot_column: self.snapshot_column.clone(),
+        }
+    }
+}
+
+/// Where versions come from.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum VersionBy {
+    #[default]
+    SourcePosition,
+    Column,
+    TsMs,
+}
+
+/// Connectors with a known position order.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectorConfig {
+    Postgresql,
+    Mysql,
+    Mariadb,
+    Sqlserver,
+    Oracle,
+}
+
+impl ConnectorConfig {
+    fn to_connector(self) -> Connector {
+        match self {
+            ConnectorConfig::Postgresql => Connector::Postgres,
+            ConnectorConfig::Mysql | ConnectorConfig::Mariadb => Connector::MySql,
+            ConnectorConfig::Sqlserver => Connector::SqlServer,
+            ConnectorConfig::Oracle => Connector::Oracle,
+        }
+    }
+}
+
+/// `[[pipeline.rule]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Unique within the pipeline; part of event ids.
+    pub name: String,
+    /// CEL condition over `op`, `before`, `after`, `previous`, `old`, `key`, `source`.
+    pub when: String,
+    /// CloudEvents `type`, e.g. `com.example.order.paid`.
+    pub event_type: String,
+    /// Output topic.
+    pub topic: String,
+    /// `data` of the event: a table of field = CEL expression, or one CEL expression. Default:
+    /// the newest row image.
+    #[serde(default)]
+    pub payload: Option<PayloadConfig>,
+}
+
+/// A payload mapping.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PayloadConfig {
+    Expression(String),
+    Fields(BTreeMap<String, String>),
+}
+
+impl RuleConfig {
+    pub fn to_spec(&self) -> RuleSpec {
+        RuleSpec {
+            name: self.name.clone(),
+            when: self.when.clone(),
+            event_type: self.event_type.clone(),
+            topic: self.topic.clone(),
+            payload: match &self.payload {
+                None => PayloadSpec::Row,
+                Some(PayloadConfig::Expression(source)) => PayloadSpec::Expression(source.clone()),
+                Some(PayloadConfig::Fields(fields)) => PayloadSpec::Fields(
+                    fields
+                        .iter()
+                        .map(|(name, source)| (name.clone(), source.clone()))
+                        .collect(),
+                ),
+            },
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! The pure core: version ordering, decisions, rules, business events, DLQ and audit records.
+//!
+//! Everything here is a function of its inputs: no I/O, no async, no clocks (the caller passes
+//! the time). [`Pipeline`] is the entry point: decode a record, then apply the change against the
+//! stored entity state to get a decision, the next state and the records to publish.
+
+mod event;
+mod gate;
+mod output;
+mod pipeline;
+mod rules;
+mod version;
+
+pub use event::{BusinessEvent, EventMode, event_id};
+pub use gate::{Decision, EntityState, decide};
+pub use output::{OutputKind, OutputRecord, Stage, headers as output_headers};
+pub use pipeline::{Applied, DecodeOutcome, Pipeline, PipelineSettings, RecordFailure};
+pub use rules::{CompiledRules, PayloadSpec, RuleCompileError, RuleError, RuleInput, RuleSpec};
+pub use version::{Connector, Version, VersionError, VersionSource, VersionSpec};

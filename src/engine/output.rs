@@ -1,0 +1,160 @@
+//! Records the core asks the runtime to publish: business events, DLQ and audit records.
+
+use serde_json::json;
+
+use crate::cdc::{Origin, RawRecord};
+
+/// Header names cdcflow writes on DLQ records.
+pub mod headers {
+    pub const ERROR_REASON: &str = "cdcflow.error.reason";
+    pub const ERROR_MESSAGE: &str = "cdcflow.error.message";
+    pub const ERROR_STAGE: &str = "cdcflow.error.stage";
+    pub const ERROR_TIME: &str = "cdcflow.error.time";
+    pub const PIPELINE: &str = "cdcflow.pipeline";
+    pub const ORIGIN_TOPIC: &str = "cdcflow.origin.topic";
+    pub const ORIGIN_PARTITION: &str = "cdcflow.origin.partition";
+    pub const ORIGIN_OFFSET: &str = "cdcflow.origin.offset";
+}
+
+/// What an output record is, for routing, counting and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OutputKind {
+    Event,
+    DeadLetter,
+    Audit,
+}
+
+impl OutputKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputKind::Event => "event",
+            OutputKind::DeadLetter => "dlq",
+            OutputKind::Audit => "audit",
+        }
+    }
+}
+
+/// One record to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputRecord {
+    pub kind: OutputKind,
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// Where in the processing of a record a failure happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stage {
+    Decode,
+    Version,
+    State,
+    Rule,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Decode => "decode",
+            Stage::Version => "version",
+            Stage::State => "state",
+            Stage::Rule => "rule",
+        }
+    }
+}
+
+/// A DLQ record: the original key, value and headers, plus headers naming the error.
+pub(crate) fn dead_letter(
+    topic: &str,
+    pipeline: &str,
+    record: &RawRecord,
+    stage: Stage,
+    reason: &str,
+    message: &str,
+    now_ms: i64,
+) -> OutputRecord {
+    let mut record_headers: Vec<(String, Vec<u8>)> = record
+        .headers
+        .iter()
+        .map(|header| {
+            (
+                header.name.clone(),
+                header.value.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    record_headers.extend([
+        (headers::ERROR_REASON.to_owned(), reason.as_bytes().to_vec()),
+        (
+            headers::ERROR_MESSAGE.to_owned(),
+            message.as_bytes().to_vec(),
+        ),
+        (
+            headers::ERROR_STAGE.to_owned(),
+            stage.as_str().as_bytes().to_vec(),
+        ),
+        (
+            headers::ERROR_TIME.to_owned(),
+            crate::cdc::format_epoch_millis(now_ms).into_bytes(),
+        ),
+        (headers::PIPELINE.to_owned(), pipeline.as_bytes().to_vec()),
+        (
+            headers::ORIGIN_TOPIC.to_owned(),
+            record.topic.as_bytes().to_vec(),
+        ),
+        (
+            headers::ORIGIN_PARTITION.to_owned(),
+            record.partition.to_string().into_bytes(),
+        ),
+        (
+            headers::ORIGIN_OFFSET.to_owned(),
+            record.offset.to_string().into_bytes(),
+        ),
+    ]);
+    OutputRecord {
+        kind: OutputKind::DeadLetter,
+        topic: topic.to_owned(),
+        key: record.key.clone(),
+        headers: record_headers,
+        value: record.value.clone(),
+    }
+}
+
+/// The facts of one dropped change, for the optional audit topic.
+#[derive(Debug)]
+pub(crate) struct Drop<'a> {
+    pub pipeline: &'a str,
+    pub reason: &'a str,
+    pub entity: &'a str,
+    pub op: &'a str,
+    pub stored_version: String,
+    pub incoming_version: String,
+    pub origin: Origin,
+    pub now_ms: i64,
+}
+
+/// A small typed audit record for a dropped change, keyed by entity.
+pub(crate) fn audit(topic: &str, drop: &Drop<'_>) -> OutputRecord {
+    let value = json!({
+        "pipeline": drop.pipeline,
+        "reason": drop.reason,
+        "entity": drop.entity,
+        "op": drop.op,
+        "stored_version": drop.stored_version,
+        "incoming_version": drop.incoming_version,
+        "origin": {
+            "topic": drop.origin.topic,
+            "partition": drop.origin.partition,
+            "offset": drop.origin.offset,
+        },
+        "time": crate::cdc::format_epoch_millis(drop.now_ms),
+    });
+    OutputRecord {
+        kind: OutputKind::Audit,
+        topic: topic.to_owned(),
+        key: Some(drop.entity.as_bytes().to_vec()),
+        headers: Vec::new(),
+        value: Some(value.to_string().into_bytes()),
+    }
+}

@@ -1,0 +1,237 @@
+//! One pipeline's processing of one record: decode, gate, rules, events.
+
+use serde_json::{Map, Value};
+
+use super::event::{BusinessEvent, EventMode, event_id};
+use super::gate::{Decision, EntityState, decide};
+use super::output::{self, Drop, OutputRecord, Stage};
+use super::rules::{CompiledRules, RuleInput};
+use super::version::{Version, VersionSpec};
+use crate::cdc::{Change, Decoded, Decoder, Op, RawRecord, SkipReason};
+
+/// Everything a pipeline needs, compiled from the config.
+#[derive(Debug)]
+pub struct PipelineSettings {
+    pub name: String,
+    pub decoder: Decoder,
+    pub version: VersionSpec,
+    pub rules: CompiledRules,
+    pub dlq_topic: String,
+    pub audit_topic: Option<String>,
+    /// CloudEvents `source` of this pipeline's events.
+    pub event_source: String,
+    pub event_mode: EventMode,
+}
+
+/// A compiled pipeline.
+#[derive(Debug)]
+pub struct Pipeline {
+    settings: PipelineSettings,
+}
+
+/// Why one record could not be processed; it becomes a DLQ record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordFailure {
+    pub stage: Stage,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The first step for a record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DecodeOutcome {
+    Change(Box<Change>),
+    Skip(SkipReason),
+    Failed(RecordFailure),
+}
+
+/// The outcome of a change that passed the gate (or was dropped by it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    pub decision: Decision,
+    pub version: Version,
+    /// The entity's next state; `Some` only for [`Decision::Applied`].
+    pub next_state: Option<EntityState>,
+    /// Events (and the audit record of a drop), in order.
+    pub outputs: Vec<OutputRecord>,
+    /// The CloudEvents type of each event in `outputs`, for counting.
+    pub event_types: Vec<String>,
+}
+
+/// The version a column-mode delete without its column gets when nothing is stored: the lowest
+/// column value with the delete marker.
+const VERSIONLESS_DELETE: [u64; 2] = [1 << 63, 1];
+
+impl Pipeline {
+    pub fn new(settings: PipelineSettings) -> Pipeline {
+        Pipeline { settings }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    pub fn settings(&self) -> &PipelineSettings {
+        &self.settings
+    }
+
+    pub fn decode(&self, record: &RawRecord) -> DecodeOutcome {
+        match self.settings.decoder.decode(record) {
+            Ok(Decoded::Change(change)) => DecodeOutcome::Change(change),
+            Ok(Decoded::Skip(reason)) => DecodeOutcome::Skip(reason),
+            Err(error) => DecodeOutcome::Failed(RecordFailure {
+                stage: Stage::Decode,
+                reason: error.reason(),
+                message: error.to_string(),
+            }),
+        }
+    }
+
+    /// Gates `change` against the stored state and, when applied, runs the rules.
+    pub fn apply(
+        &self,
+        record: &RawRecord,
+        change: &Change,
+        stored: Option<&EntityState>,
+        now_ms: i64,
+    ) -> Result<Applied, RecordFailure> {
+        let settings = &self.settings;
+        let version = match settings.version.extract(change) {
+            Ok(Some(version)) => version,
+            Ok(None) => match stored {
+                Some(state) if state.is_deleted() => state.version.clone(),
+                Some(state) => settings.version.delete_after(&state.version),
+                None => Version::new(VERSIONLESS_DELETE.to_vec()),
+            },
+            Err(error) => {
+                return Err(RecordFailure {
+                    stage: Stage::Version,
+                    reason: error.reason(),
+                    message: error.to_string(),
+                });
+            }
+        };
+        let decision = decide(stored, &version);
+        if decision != Decision::Applied {
+            let outputs = settings
+                .audit_topic
+                .as_deref()
+                .map(|topic| {
+                    output::audit(
+                        topic,
+                        &Drop {
+                            pipeline: &settings.name,
+                            reason: decision.as_str(),
+                            entity: change.key.as_str(),
+                            op: change.op.code(),
+                            stored_version: stored
+                                .map(|s| s.version.to_string())
+                                .unwrap_or_default(),
+                            incoming_version: version.to_string(),
+                            origin: record.origin(),
+                            now_ms,
+                        },
+                    )
+                })
+                .into_iter()
+                .collect();
+            return Ok(Applied {
+                decision,
+                version,
+                next_state: None,
+                outputs,
+                event_types: Vec::new(),
+            });
+        }
+        let previous = match stored.and_then(|state| state.image.as_deref()) {
+            Some(image) if settings.rules.reads_previous() => Some(parse_stored_image(image)?),
+            _ => None,
+        };
+        let fired = settings
+            .rules
+            .evaluate(&RuleInput {
+                op: change.op.code(),
+                before: change.before.as_ref(),
+                after: change.after.as_ref(),
+                previous: previous.as_ref(),
+                key: change.key.fields(),
+                source: &change.source,
+            })
+            .map_err(|error| RecordFailure {
+                stage: Stage::Rule,
+                reason: "rule_error",
+                message: error.to_string(),
+            })?;
+        let time = change.source_ts_ms().map(crate::cdc::format_epoch_millis);
+        let causation = record.origin().to_string();
+        let mut outputs = Vec::with_capacity(fired.len());
+        let mut event_types = Vec::with_capacity(fired.len());
+        for fired in fired {
+            let event = BusinessEvent {
+                id: event_id(
+                    &settings.name,
+                    &fired.rule.name,
+                    change.key.as_str(),
+                    &version,
+                ),
+                source: settings.event_source.clone(),
+                event_type: fired.rule.event_type.clone(),
+                subject: change.key.as_str().to_owned(),
+                time: time.clone(),
+                data: fired.data,
+                entity_version: version.to_string(),
+                sequence: version.sequence(),
+                partition_key: change.key.as_str().to_owned(),
+                causation_id: causation.clone(),
+                correlation_id: change.transaction_id.clone(),
+            };
+            outputs.push(event.to_output(&fired.rule.topic, settings.event_mode));
+            event_types.push(fired.rule.event_type.clone());
+        }
+        let image = match change.op {
+            Op::Delete | Op::Truncate => None,
+            Op::Create | Op::Update | Op::Read => change
+                .after
+                .as_ref()
+                .and_then(|row| serde_json::to_string(row).ok()),
+        };
+        let next_state = EntityState {
+            version: version.clone(),
+            image,
+            updated_at_ms: change.source_ts_ms().unwrap_or(now_ms),
+        };
+        Ok(Applied {
+            decision,
+            version,
+            next_state: Some(next_state),
+            outputs,
+            event_types,
+        })
+    }
+
+    /// The DLQ record for a record that failed.
+    pub fn dead_letter(
+        &self,
+        record: &RawRecord,
+        failure: &RecordFailure,
+        now_ms: i64,
+    ) -> OutputRecord {
+        output::dead_letter(
+            &self.settings.dlq_topic,
+            &self.settings.name,
+            record,
+            failure.stage,
+            failure.reason,
+            &failure.message,
+            now_ms,
+        )
+    }
+}
+
+fn parse_stored_image(image: &str) -> Result<Map<String, Value>, RecordFailure> {
+    serde_json::from_str(image).map_err(|error| RecordFailure {
+        stage: Stage::State,
+        reason: "corrupt_state",
+        message: format!("the stored image of this entity is not a JSON object: {error}"),
+    })
+}

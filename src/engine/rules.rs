@@ -1,0 +1,370 @@
+//! Declarative rules in CEL: a condition over the change and the stored image, an event type, an
+//! output topic and a payload mapping. Compiled once; evaluated per applied change.
+//!
+//! Variables a rule sees:
+//! - `op`: `"c"`, `"u"`, `"d"`, `"r"` or `"t"`;
+//! - `before`, `after`: the change's images (maps, or null);
+//! - `previous`: the stored image of the entity before this change (map, or null);
+//! - `old`: `before` when the change carries it, else `previous`; the image to compare
+//!   `after` against when Postgres sends `before: null` (REPLICA IDENTITY DEFAULT);
+//! - `key`: the record key fields; `source`: the Debezium `source` block.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cel::objects::{Key, Map as CelMap};
+use cel::{Context, Env, Program, Value as CelValue};
+use serde_json::{Map, Value};
+use thiserror::Error;
+
+pub(crate) const VARIABLES: [&str; 7] =
+    ["op", "before", "after", "previous", "old", "key", "source"];
+
+/// One rule as written in the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleSpec {
+    pub name: String,
+    /// CEL condition; the rule fires when it is `true`.
+    pub when: String,
+    /// CloudEvents `type`.
+    pub event_type: String,
+    pub topic: String,
+    pub payload: PayloadSpec,
+}
+
+/// How the event's `data` is built.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum PayloadSpec {
+    /// The newest row image (`after`, or `before` for a delete).
+    #[default]
+    Row,
+    /// One CEL expression per field of `data`.
+    Fields(Vec<(String, String)>),
+    /// One CEL expression that evaluates to the whole `data`.
+    Expression(String),
+}
+
+/// A rule that failed to compile: names the pipeline, the rule, the part and the position.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("pipeline `{pipeline}`, rule `{rule}`, {part}: {message}")]
+pub struct RuleCompileError {
+    pub pipeline: String,
+    pub rule: String,
+    /// `when`, or `payload.<field>`.
+    pub part: String,
+    pub message: String,
+}
+
+/// A rule that failed on one record at run time: the record goes to the DLQ.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("rule `{rule}`, {part}: {message}")]
+pub struct RuleError {
+    pub rule: String,
+    pub part: String,
+    pub message: String,
+}
+
+#[derive(Debug)]
+struct CompiledExpression {
+    source: String,
+    program: Program,
+}
+
+#[derive(Debug)]
+enum CompiledPayload {
+    Row,
+    Fields(Vec<(String, CompiledExpression)>),
+    Expression(CompiledExpression),
+}
+
+#[derive(Debug)]
+struct CompiledRule {
+    spec: RuleSpec,
+    when: CompiledExpression,
+    payload: CompiledPayload,
+}
+
+/// What the rules of one pipeline see for one change.
+#[derive(Debug, Clone, Copy)]
+pub struct RuleInput<'a> {
+    pub op: &'a str,
+    pub before: Option<&'a Map<String, Value>>,
+    pub after: Option<&'a Map<String, Value>>,
+    pub previous: Option<&'a Map<String, Value>>,
+    pub key: &'a Value,
+    pub source: &'a Map<String, Value>,
+}
+
+/// The rules of one pipeline, compiled.
+pub struct CompiledRules {
+    env: Arc<Env>,
+    rules: Vec<CompiledRule>,
+    /// Which of [`VARIABLES`] any rule reads, so unread images are never converted.
+    used: [bool; VARIABLES.len()],
+}
+
+impl std::fmt::Debug for CompiledRules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompiledRules")
+            .field("rules", &self.rules)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A rule that fired on a change, with its evaluated payload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fired<'r> {
+    pub rule: &'r RuleSpec,
+    pub data: Value,
+}
+
+impl CompiledRules {
+    pub fn compile(pipeline: &str, specs: &[RuleSpec]) -> Result<CompiledRules, RuleCompileError> {
+        let mut env = Env::stdlib();
+        for extension in [
+            cel::extensions::strings,
+            cel::extensions::math,
+            cel::extensions::lists,
+        ] {
+            // The standard extensions never conflict with the standard library.
+            env.add_extension(extension)
+                .map_err(|error| RuleCompileError {
+                    pipeline: pipeline.to_owned(),
+                    rule: String::new(),
+                    part: "environment".to_owned(),
+                    message: error.to_string(),
+                })?;
+        }
+        let mut used = [false; VARIABLES.len()];
+        let mut rules = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let compile = |part: String, source: &str, used: &mut [bool; VARIABLES.len()]| {
+                compile_expression(&env, source, used).map_err(|message| RuleCompileError {
+                    pipeline: pipeline.to_owned(),
+                    rule: spec.name.clone(),
+                    part,
+                    message,
+                })
+            };
+            let when = compile("when".to_owned(), &spec.when, &mut used)?;
+            let payload = match &spec.payload {
+                PayloadSpec::Row => {
+                    used[index_of("after")] = true;
+                    used[index_of("before")] = true;
+                    CompiledPayload::Row
+                }
+                PayloadSpec::Fields(fields) => CompiledPayload::Fields(
+                    fields
+                        .iter()
+                        .map(|(name, source)| {
+                            compile(format!("payload.{name}"), source, &mut used)
+                                .map(|expression| (name.clone(), expression))
+                        })
+                        .collect::<Result<_, _>>()?,
+                ),
+                PayloadSpec::Expression(source) => {
+                    CompiledPayload::Expression(compile("payload".to_owned(), source, &mut used)?)
+                }
+            };
+            rules.push(CompiledRule {
+                spec: spec.clone(),
+                when,
+                payload,
+            });
+        }
+        Ok(CompiledRules {
+            env: Arc::new(env),
+            rules,
+            used,
+        })
+    }
+
+    pub fn specs(&self) -> impl Iterator<Item = &RuleSpec> {
+        self.rules.iter().map(|rule| &rule.spec)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Whether any rule reads the stored image (`previous` or `old`).
+    pub fn reads_previous(&self) -> bool {
+        self.used[index_of("previous")] || self.used[index_of("old")]
+    }
+
+    /// Evaluates every rule; returns those that fired, in declaration order.
+    pub fn evaluate(&self, input: &RuleInput<'_>) -> Result<Vec<Fired<'_>>, RuleError> {
+        if self.rules.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut context = Context::with_env(Arc::clone(&self.env));
+        let old = input.before.or(input.previous);
+        for (index, name) in VARIABLES.iter().enumerate() {
+            if !self.used[index] {
+                continue;
+            }
+            let value = match *name {
+                "op" => CelValue::String(Arc::new(input.op.to_owned())),
+                "before" => optional_row(input.before),
+                "after" => optional_row(input.after),
+                "previous" => optional_row(input.previous),
+                "old" => optional_row(old),
+                "key" => json_to_cel(input.key),
+                _ => row_to_cel(input.source),
+            };
+            context.add_variable_from_value(*name, value);
+        }
+        let mut fired = Vec::new();
+        for rule in &self.rules {
+            let error = |part: &str, message: String| RuleError {
+                rule: rule.spec.name.clone(),
+                part: part.to_owned(),
+                message,
+            };
+            match rule.when.program.execute(&context) {
+                Ok(CelValue::Bool(true)) => {}
+                Ok(CelValue::Bool(false)) => continue,
+                Ok(other) => {
+                    return Err(error(
+                        "when",
+                        format!(
+                            "`{}` evaluated to {:?}, expected a boolean",
+                            rule.when.source, other
+                        ),
+                    ));
+                }
+                Err(failure) => {
+                    return Err(error("when", format!("`{}`: {failure}", rule.when.source)));
+                }
+            }
+            let data = match &rule.payload {
+                CompiledPayload::Row => input
+                    .after
+                    .or(input.before)
+                    .map_or(Value::Null, |row| Value::Object(row.clone())),
+                CompiledPayload::Expression(expression) => {
+                    evaluate_to_json(expression, &context).map_err(|m| error("payload", m))?
+                }
+                CompiledPayload::Fields(fields) => {
+                    let mut data = Map::new();
+                    for (name, expression) in fields {
+                        let value = evaluate_to_json(expression, &context)
+                            .map_err(|m| error(&format!("payload.{name}"), m))?;
+                        data.insert(name.clone(), value);
+                    }
+                    Value::Object(data)
+                }
+            };
+            fired.push(Fired {
+                rule: &rule.spec,
+                data,
+            });
+        }
+        Ok(fired)
+    }
+}
+
+fn index_of(variable: &str) -> usize {
+    VARIABLES
+        .iter()
+        .position(|name| *name == variable)
+        .unwrap_or_default()
+}
+
+fn compile_expression(
+    env: &Env,
+    source: &str,
+    used: &mut [bool; VARIABLES.len()],
+) -> Result<CompiledExpression, String> {
+    if source.trim().is_empty() {
+        return Err("the expression is empty".to_owned());
+    }
+    let program = env.compile(source).map_err(|errors| {
+        errors
+            .errors
+            .iter()
+            .map(|error| format!("{} at {}:{}", error.msg, error.pos.0, error.pos.1))
+            .collect::<Vec<_>>()
+            .join("; ")
+    })?;
+    let references = program.references();
+    for variable in references.variables() {
+        match VARIABLES.iter().position(|name| *name == variable) {
+            Some(index) => used[index] = true,
+            None if is_bound_by_macro(source, variable) => {}
+            None => {
+                return Err(format!(
+                    "unknown variable `{variable}` in `{source}`; rules can read {}",
+                    VARIABLES.join(", ")
+                ));
+            }
+        }
+    }
+    Ok(CompiledExpression {
+        source: source.to_owned(),
+        program,
+    })
+}
+
+/// Comprehension macros (`all`, `exists`, `exists_one`, `map`, `filter`) bind their first
+/// argument as a variable: `items.exists(i, i.qty > 0)` reads `i` legitimately.
+fn is_bound_by_macro(source: &str, variable: &str) -> bool {
+    ["all", "exists", "exists_one", "map", "filter"]
+        .iter()
+        .any(|name| {
+            source
+                .match_indices(&format!("{name}("))
+                .any(|(at, matched)| {
+                    source[at + matched.len()..]
+                        .trim_start()
+                        .strip_prefix(variable)
+                        .is_some_and(|rest| rest.trim_start().starts_with(','))
+                })
+        })
+}
+
+fn evaluate_to_json(
+    expression: &CompiledExpression,
+    context: &Context<'_, '_>,
+) -> Result<Value, String> {
+    let value = expression
+        .program
+        .execute(context)
+        .map_err(|failure| format!("`{}`: {failure}", expression.source))?;
+    value
+        .json()
+        .map_err(|failure| format!("`{}`: result is not JSON: {failure:?}", expression.source))
+}
+
+fn optional_row(row: Option<&Map<String, Value>>) -> CelValue {
+    row.map_or(CelValue::Null, row_to_cel)
+}
+
+fn row_to_cel(row: &Map<String, Value>) -> CelValue {
+    let mut map = HashMap::with_capacity(row.len());
+    for (name, value) in row {
+        map.insert(Key::String(Arc::new(name.clone())), json_to_cel(value));
+    }
+    CelValue::Map(CelMap { map: Arc::new(map) })
+}
+
+/// JSON to CEL. Integers become `int` (so `after.id == 1` holds), integers above `i64::MAX`
+/// become `uint`, other numbers `double`.
+pub(crate) fn json_to_cel(value: &Value) -> CelValue {
+    match value {
+        Value::Null => CelValue::Null,
+        Value::Bool(flag) => CelValue::Bool(*flag),
+        Value::Number(number) => {
+            if let Some(signed) = number.as_i64() {
+                CelValue::Int(signed)
+            } else if let Some(unsigned) = number.as_u64() {
+                CelValue::UInt(unsigned)
+            } else {
+                CelValue::Float(number.as_f64().unwrap_or(f64::NAN))
+            }
+        }
+        Value::String(text) => CelValue::String(Arc::new(text.clone())),
+        Value::Array(items) => CelValue::List(Arc::new(items.iter().map(json_to_cel).collect())),
+        Value::Object(row) => row_to_cel(row),
+    }
+}

@@ -1,0 +1,26 @@
+//! cdcflow turns Debezium change streams into deduplicated, ordered business events.
+//!
+//! # Layout and the flow of one record
+//!
+//! ```text
+//! RawRecord (bytes) ──cdc::decode──▶ Change ──engine::VersionGate──▶ Decision
+//!                                              │ Applied
+//!                                              ▼
+//!                              engine::rules (CEL) ──▶ BusinessEvent (CloudEvents 1.0)
+//! ```
+//!
+//! - [`cdc`]: Debezium decoding, bytes to [`cdc::Change`]. Pure: no I/O, no async.
+//! - [`engine`]: the pure core: versions, decisions, rules, business events, DLQ and audit
+//!   records. Pure: no I/O, no async.
+//! - [`store`]: the per-entity state store (SQLite through sqlx, and in-memory for tests).
+//! - [`runtime`]: drivers that feed records through the core and persist its outcome
+//!   (`replay` from JSON Lines today).
+//! - [`config`]: the typed TOML configuration with validation and environment overrides.
+//! - [`metrics`]: every Prometheus metric family in one place.
+
+pub mod cdc;
+pub mod config;
+pub mod engine;
+pub mod metrics;
+pub mod runtime;
+pub mod store;

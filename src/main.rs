@@ -1,0 +1,257 @@
+//! The `cdcflow` command line: parse arguments, load the config, call the library.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use cdcflow::config::Config;
+use cdcflow::metrics::Tally;
+use cdcflow::runtime::{ReplayOptions, replay};
+use cdcflow::store::{MemoryStore, SqliteStore, StateStore};
+use clap::{Parser, Subcommand};
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// cdcflow turns Debezium change streams into deduplicated, ordered business events.
+#[derive(Debug, Parser)]
+#[command(name = "cdcflow", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Replay Debezium records from JSON Lines (the format `kcat -C -J` writes) through the
+    /// pipelines, with no Kafka: business events, DLQ and audit records go to stdout as JSON
+    /// Lines, a summary to stderr. State persists in the SQLite file of `[state] path`, so
+    /// replaying the same input again emits nothing.
+    ///
+    /// Example: cdcflow replay --config examples/shop.toml examples/orders.jsonl
+    Replay {
+        /// The TOML config file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        /// Input files of kcat JSON Lines, read in order; `-` or none reads stdin.
+        #[arg(value_name = "INPUT")]
+        inputs: Vec<PathBuf>,
+        /// State file to use instead of the config's `[state] path`.
+        #[arg(long, value_name = "FILE", conflicts_with = "in_memory")]
+        state: Option<PathBuf>,
+        /// Keep state in memory only: nothing is read from or written to a state file.
+        #[arg(long)]
+        in_memory: bool,
+    },
+    /// Validate a config and print the compiled pipelines; exits non-zero with the key and
+    /// the fix when the config is invalid.
+    Check {
+        /// The TOML config file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CDCFLOW_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Replay {
+            config,
+            inputs,
+            state,
+            in_memory,
+        } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(replay_command(config, inputs, state, in_memory))
+        }
+    }
+}
+
+fn check(path: &PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let pipelines = config.build_pipelines()?;
+    println!(
+        "config `{}` is valid: {} pipeline(s)",
+        path.display(),
+        pipelines.len()
+    );
+    for (pipeline_config, (_, pipeline)) in config.pipelines.iter().zip(&pipelines) {
+        let settings = pipeline.settings();
+        println!("\npipeline `{}`", settings.name);
+        println!("  topics:   {:?}", pipeline_config.topics);
+        if let Some(pattern) = &pipeline_config.topic_pattern {
+            println!("  pattern:  {pattern}");
+        }
+        println!("  format:   {:?}", settings.decoder.format);
+        println!("  version:  {:?}", settings.version);
+        println!("  dlq:      {}", settings.dlq_topic);
+        if let Some(audit) = &settings.audit_topic {
+            println!("  audit:    {audit}");
+        }
+        for rule in settings.rules.specs() {
+            println!(
+                "  rule `{}` -> {} on topic `{}`",
+                rule.name, rule.event_type, rule.topic
+            );
+            println!("    when:    {}", rule.when);
+            println!("    payload: {:?}", rule.payload);
+        }
+    }
+    Ok(())
+}
+
+async fn replay_command(
+    config_path: PathBuf,
+    inputs: Vec<PathBuf>,
+    state: Option<PathBuf>,
+    in_memory: bool,
+) -> anyhow::Result<()> {
+    let config = Config::load(&config_path)?;
+    let pipelines = config.build_pipelines()?;
+    let options = ReplayOptions {
+        batch_size: config.replay.batch_size,
+        cache_entries: config.state.cache_entries,
+    };
+    let started = Instant::now();
+    let tally = if in_memory {
+        run_inputs(&pipelines, &MemoryStore::new(), &inputs, options).await?
+    } else {
+        let path = state.unwrap_or_else(|| config.state.path.clone());
+        let store = SqliteStore::open(&path).await?;
+        let tally = run_inputs(&pipelines, &store, &inputs, options).await?;
+        store.close().await;
+        tally
+    };
+    print_summary(&tally, started.elapsed());
+    Ok(())
+}
+
+async fn run_inputs<S: StateStore>(
+    pipelines: &[(cdcflow::config::TopicRoute, cdcflow::engine::Pipeline)],
+    store: &S,
+    inputs: &[PathBuf],
+    options: ReplayOptions,
+) -> anyhow::Result<Tally> {
+    let stdout = io::stdout();
+    let mut output = BufWriter::with_capacity(1 << 16, stdout.lock());
+    let mut diagnostics = io::stderr();
+    let stdin_only = [PathBuf::from("-")];
+    let inputs = if inputs.is_empty() {
+        &stdin_only[..]
+    } else {
+        inputs
+    };
+    let mut total = Tally::default();
+    for path in inputs {
+        let mut reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
+            Box::new(BufReader::new(io::stdin().lock()))
+        } else {
+            let file = File::open(path)
+                .with_context(|| format!("cannot open replay input `{}`", path.display()))?;
+            Box::new(BufReader::with_capacity(1 << 16, file))
+        };
+        let tally = replay(
+            pipelines,
+            store,
+            &mut reader,
+            &mut output,
+            &mut diagnostics,
+            options,
+        )
+        .await
+        .with_context(|| format!("replay of `{}` stopped", path.display()))?;
+        merge(&mut total, tally);
+    }
+    output.flush().context("cannot flush stdout")?;
+    Ok(total)
+}
+
+fn merge(total: &mut Tally, tally: Tally) {
+    total.records_read += tally.records_read;
+    total.unrouted += tally.unrouted;
+    total.malformed_lines += tally.malformed_lines;
+    for (index, counts) in tally.pipelines.into_iter().enumerate() {
+        let target = total.pipeline(index, &counts.name);
+        for (key, value) in counts.decisions {
+            *target.decisions.entry(key).or_default() += value;
+        }
+        for (key, value) in counts.skipped {
+            *target.skipped.entry(key).or_default() += value;
+        }
+        for (key, value) in counts.events {
+            *target.events.entry(key).or_default() += value;
+        }
+        for (key, value) in counts.dlq {
+            *target.dlq.entry(key).or_default() += value;
+        }
+        target.audit_records += counts.audit_records;
+    }
+}
+
+fn print_summary(tally: &Tally, elapsed: std::time::Duration) {
+    let seconds = elapsed.as_secs_f64();
+    let rate = if seconds > 0.0 {
+        tally.records_read as f64 / seconds
+    } else {
+        0.0
+    };
+    let mut err = io::stderr().lock();
+    let _ = writeln!(err, "--- cdcflow replay summary ---");
+    let _ = writeln!(
+        err,
+        "records read: {}  (unrouted: {}, malformed input lines: {})",
+        tally.records_read, tally.unrouted, tally.malformed_lines
+    );
+    let _ = writeln!(
+        err,
+        "decisions: applied {}, duplicate {}, stale {}",
+        tally.decisions("applied"),
+        tally.decisions("duplicate"),
+        tally.decisions("stale")
+    );
+    for counts in &tally.pipelines {
+        let _ = writeln!(err, "pipeline `{}`:", counts.name);
+        let _ = writeln!(err, "  decisions: {:?}", counts.decisions);
+        if !counts.skipped.is_empty() {
+            let _ = writeln!(err, "  skipped:   {:?}", counts.skipped);
+        }
+        let _ = writeln!(err, "  events:    {:?}", counts.events);
+        if !counts.dlq.is_empty() {
+            let _ = writeln!(err, "  dlq:       {:?}", counts.dlq);
+        }
+        if counts.audit_records > 0 {
+            let _ = writeln!(err, "  audit records: {}", counts.audit_records);
+        }
+    }
+    let _ = writeln!(
+        err,
+        "events: {}  dlq records: {}  elapsed: {:.3}s  rate: {:.0} records/s",
+        tally.events_total(),
+        tally.dlq_total(),
+        seconds,
+        rate
+    );
+}

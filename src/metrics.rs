@@ -1,0 +1,190 @@
+//! Every metric family in one place, and the per-run [`Tally`] the hot path counts into.
+//!
+//! The hot path never touches Prometheus label maps: it counts into a [`Tally`] (plain
+//! integers per pipeline), which is added to the registry once per batch.
+
+use std::collections::BTreeMap;
+
+use prometheus::{IntCounterVec, Opts, Registry};
+
+/// Counts of one pipeline.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PipelineTally {
+    pub name: String,
+    /// Decisions by kind: `applied`, `duplicate`, `stale`.
+    pub decisions: BTreeMap<&'static str, u64>,
+    /// Skipped records by reason: `tombstone`, `logical_message`.
+    pub skipped: BTreeMap<&'static str, u64>,
+    /// Business events by CloudEvents type.
+    pub events: BTreeMap<String, u64>,
+    /// DLQ records by reason.
+    pub dlq: BTreeMap<&'static str, u64>,
+    pub audit_records: u64,
+}
+
+impl PipelineTally {
+    pub fn count_decision(&mut self, decision: &'static str) {
+        *self.decisions.entry(decision).or_default() += 1;
+    }
+
+    pub fn count_skip(&mut self, reason: &'static str) {
+        *self.skipped.entry(reason).or_default() += 1;
+    }
+
+    pub fn count_dlq(&mut self, reason: &'static str) {
+        *self.dlq.entry(reason).or_default() += 1;
+    }
+
+    pub fn count_event(&mut self, event_type: &str) {
+        match self.events.get_mut(event_type) {
+            Some(count) => *count += 1,
+            None => {
+                self.events.insert(event_type.to_owned(), 1);
+            }
+        }
+    }
+
+    pub fn dlq_total(&self) -> u64 {
+        self.dlq.values().sum()
+    }
+
+    pub fn events_total(&self) -> u64 {
+        self.events.values().sum()
+    }
+}
+
+/// Counts of a run (or of one batch).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Tally {
+    pub records_read: u64,
+    /// Records whose topic no pipeline reads.
+    pub unrouted: u64,
+    /// Replay input lines that were not kcat records.
+    pub malformed_lines: u64,
+    pub pipelines: Vec<PipelineTally>,
+}
+
+impl Tally {
+    /// The counts of pipeline `index`, created on first use.
+    pub fn pipeline(&mut self, index: usize, name: &str) -> &mut PipelineTally {
+        if self.pipelines.len() <= index {
+            self.pipelines
+                .resize_with(index + 1, PipelineTally::default);
+        }
+        let counts = &mut self.pipelines[index];
+        if counts.name.is_empty() {
+            counts.name = name.to_owned();
+        }
+        counts
+    }
+
+    /// Totals of one decision kind across pipelines.
+    pub fn decisions(&self, decision: &str) -> u64 {
+        self.pipelines
+            .iter()
+            .filter_map(|p| p.decisions.get(decision))
+            .sum()
+    }
+
+    pub fn events_total(&self) -> u64 {
+        self.pipelines.iter().map(PipelineTally::events_total).sum()
+    }
+
+    pub fn dlq_total(&self) -> u64 {
+        self.pipelines.iter().map(PipelineTally::dlq_total).sum()
+    }
+}
+
+/// The Prometheus families cdcflow exports.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub records: IntCounterVec,
+    pub decisions: IntCounterVec,
+    pub skipped: IntCounterVec,
+    pub events: IntCounterVec,
+    pub dlq_records: IntCounterVec,
+    pub audit_records: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let counter =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+                let vec = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(vec.clone()))?;
+                Ok(vec)
+            };
+        Ok(Metrics {
+            records: counter(
+                "cdcflow_records_total",
+                "Input records read, by routing result (routed or unrouted).",
+                &["result"],
+            )?,
+            decisions: counter(
+                "cdcflow_decisions_total",
+                "Changes by version-gate decision: applied, duplicate, stale.",
+                &["pipeline", "decision"],
+            )?,
+            skipped: counter(
+                "cdcflow_skipped_records_total",
+                "Valid records without a row change (tombstones, logical messages).",
+                &["pipeline", "reason"],
+            )?,
+            events: counter(
+                "cdcflow_events_total",
+                "Business events produced, by CloudEvents type.",
+                &["pipeline", "type"],
+            )?,
+            dlq_records: counter(
+                "cdcflow_dlq_records_total",
+                "Records sent to the dead-letter topic, by reason.",
+                &["pipeline", "reason"],
+            )?,
+            audit_records: counter(
+                "cdcflow_audit_records_total",
+                "Audit records written for dropped changes.",
+                &["pipeline"],
+            )?,
+            registry,
+        })
+    }
+
+    /// Adds a batch's counts.
+    pub fn add(&self, tally: &Tally) {
+        let routed = tally.records_read - tally.unrouted;
+        self.records.with_label_values(&["routed"]).inc_by(routed);
+        self.records
+            .with_label_values(&["unrouted"])
+            .inc_by(tally.unrouted);
+        for counts in &tally.pipelines {
+            let name = counts.name.as_str();
+            for (decision, count) in &counts.decisions {
+                self.decisions
+                    .with_label_values(&[name, decision])
+                    .inc_by(*count);
+            }
+            for (reason, count) in &counts.skipped {
+                self.skipped
+                    .with_label_values(&[name, reason])
+                    .inc_by(*count);
+            }
+            for (event_type, count) in &counts.events {
+                self.events
+                    .with_label_values(&[name, event_type.as_str()])
+                    .inc_by(*count);
+            }
+            for (reason, count) in &counts.dlq {
+                self.dlq_records
+                    .with_label_values(&[name, reason])
+                    .inc_by(*count);
+            }
+            if counts.audit_records > 0 {
+                self.audit_records
+                    .with_label_values(&[name])
+                    .inc_by(counts.audit_records);
+            }
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! Drivers that feed records through the pure core and persist its outcome.
+//!
+//! `replay` reads `kcat -C -J` JSON Lines and writes produced records as JSON Lines: the
+//! embedded way to run cdcflow with no broker. Order of effects per batch: outputs are written
+//! and flushed, then state is saved, so a crash can repeat an output (same event id) but never
+//! lose one.
+
+mod batch;
+mod kcat;
+mod replay;
+
+pub use batch::{BatchProcessor, StateCache};
+pub use kcat::{KcatLineError, parse_kcat_line, write_output_line};
+pub use replay::{ReplayError, ReplayOptions, replay};

@@ -1,0 +1,65 @@
+//! An in-memory store for tests and for replays that need no persistence.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use super::{StateStore, StateWrite, StoreError};
+use crate::engine::EntityState;
+
+/// States in a map behind a mutex.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    states: Mutex<HashMap<(String, String), EntityState>>,
+}
+
+impl MemoryStore {
+    pub fn new() -> MemoryStore {
+        MemoryStore::default()
+    }
+
+    /// How many entities are stored, across pipelines.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), EntityState>> {
+        // A panic while holding the lock cannot leave the map half-written: every mutation is
+        // a single insert, so recovering the guard is sound.
+        self.states
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl StateStore for MemoryStore {
+    async fn load(
+        &self,
+        pipeline: &str,
+        entities: &[&str],
+    ) -> Result<HashMap<String, EntityState>, StoreError> {
+        let states = self.lock();
+        Ok(entities
+            .iter()
+            .filter_map(|entity| {
+                states
+                    .get(&(pipeline.to_owned(), (*entity).to_owned()))
+                    .map(|state| ((*entity).to_owned(), state.clone()))
+            })
+            .collect())
+    }
+
+    async fn save(&self, writes: &[StateWrite]) -> Result<(), StoreError> {
+        let mut states = self.lock();
+        for write in writes {
+            states.insert(
+                (write.pipeline.clone(), write.entity.clone()),
+                write.state.clone(),
+            );
+        }
+        Ok(())
+    }
+}
