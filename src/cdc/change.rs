@@ -69,7 +69,11 @@ impl Change {
     pub fn source_ts_ms(&self) -> Option<i64> {
         self.source
             .get("ts_ms")
-            .and_then(Value::as_i64)
+            .and_then(|value| {
+                value
+                    .as_i64()
+                    .or_else(|| value.as_str().and_then(|text| text.parse().ok()))
+            })
             .or(self.envelope_ts_ms)
     }
 

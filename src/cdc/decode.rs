@@ -333,7 +333,7 @@ fn flattened_body(
                 other => return Err(wrong_type(FLAT_DELETED, "\"true\" or \"false\"", other)),
             };
         } else if name == FLAT_TS_MS {
-            ts_ms = value.as_i64();
+            ts_ms = integer_or_numeric_text(&value);
         } else if let Some(field) = name.strip_prefix(FLAT_SOURCE_PREFIX) {
             source.insert(field.to_owned(), value);
         } else if let Some(field) = name.strip_prefix(FLAT_PREFIX) {
@@ -385,8 +385,8 @@ fn take_row(
 fn optional_i64(payload: &Map<String, Value>, field: &str) -> Result<Option<i64>, DecodeError> {
     match payload.get(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(value) => value
-            .as_i64()
+        // Debezium's documentation shows some integers as numeric text; accept both.
+        Some(value) => integer_or_numeric_text(value)
             .map(Some)
             .ok_or_else(|| wrong_type(field, "integer", value)),
     }
@@ -398,4 +398,10 @@ fn wrong_type(field: &str, expected: &'static str, found: &Value) -> DecodeError
         expected,
         found: json_type_name(found),
     }
+}
+
+fn integer_or_numeric_text(value: &Value) -> Option<i64> {
+    value
+        .as_i64()
+        .or_else(|| value.as_str().and_then(|text| text.parse().ok()))
 }
