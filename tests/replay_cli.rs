@@ -1,0 +1,387 @@
+//! End-to-end tests of the `cdcflow` binary: `replay` on the example files, `check`, and the
+//! JSON Schemas validated against real outputs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::{Value, json};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn cdcflow() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cdcflow"));
+    command.current_dir(root()).env_remove("CDCFLOW_LOG");
+    for (name, _) in std::env::vars() {
+        if name.starts_with("CDCFLOW__") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+fn example_inputs() -> Vec<PathBuf> {
+    [
+        "examples/input/orders.jsonl",
+        "examples/input/customers.jsonl",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .collect()
+}
+
+/// Runs `replay` on the example with the given state file and extra arguments.
+fn replay(state: &Path, inputs: &[PathBuf], envs: &[(&str, &str)]) -> (Vec<Value>, String) {
+    let output: Output = cdcflow()
+        .args(["replay", "--config", "examples/shop.toml", "--state"])
+        .arg(state)
+        .args(inputs)
+        .envs(envs.iter().copied())
+        .output()
+        .expect("cdcflow runs");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "replay failed: {stderr}");
+    let lines = String::from_utf8(output.stdout)
+        .expect("stdout is UTF-8")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("each output line is JSON"))
+        .collect();
+    (lines, stderr)
+}
+
+fn of_kind<'a>(lines: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    lines.iter().filter(|line| line["kind"] == kind).collect()
+}
+
+fn payload(line: &Value) -> Value {
+    serde_json::from_str(line["payload"].as_str().expect("payload is text"))
+        .expect("payload is JSON")
+}
+
+fn schema(name: &str) -> jsonschema::Validator {
+    let text = std::fs::read_to_string(root().join("schemas").join(name)).expect("schema exists");
+    jsonschema::validator_for(&serde_json::from_str(&text).expect("schema is JSON"))
+        .expect("schema compiles")
+}
+
+fn assert_valid(validator: &jsonschema::Validator, instance: &Value) {
+    let errors: Vec<String> = validator
+        .iter_errors(instance)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(errors.is_empty(), "{instance} is invalid: {errors:?}");
+}
+
+/// The example replays into exactly the expected business events, keyed by entity, in order per
+/// entity, each valid against the business-event schema; bad records land in the DLQ.
+#[test]
+fn example_replay_emits_the_expected_events() {
+    let state = tempfile::tempdir().unwrap();
+    let (lines, stderr) = replay(&state.path().join("state.db"), &example_inputs(), &[]);
+    let event_schema = schema("business-event.schema.json");
+    let events: Vec<(String, String, String, Value)> = of_kind(&lines, "event")
+        .into_iter()
+        .map(|line| {
+            let event = payload(line);
+            assert_valid(&event_schema, &event);
+            assert_eq!(
+                line["key"], event["partitionkey"],
+                "Kafka key is the entity key"
+            );
+            (
+                line["topic"].as_str().unwrap().to_owned(),
+                line["key"].as_str().unwrap().to_owned(),
+                event["type"].as_str().unwrap().to_owned(),
+                event["data"].clone(),
+            )
+        })
+        .collect();
+    let expected = vec![
+        (
+            "shop.order-events",
+            "1001",
+            "com.example.shop.OrderCreated",
+            json!({"order_id": 1001, "customer_id": 7, "amount": "120.00", "status": "pending"}),
+        ),
+        (
+            "shop.order-events",
+            "1002",
+            "com.example.shop.OrderCreated",
+            json!({"order_id": 1002, "customer_id": 8, "amount": "75.50", "status": "pending"}),
+        ),
+        (
+            "shop.order-events",
+            "1001",
+            "com.example.shop.OrderPaid",
+            json!({"order_id": 1001, "amount": "120.00", "from_status": "pending"}),
+        ),
+        (
+            "shop.order-events",
+            "1002",
+            "com.example.shop.OrderAmountChanged",
+            json!({"order_id": 1002, "from": "75.50", "to": "80.00"}),
+        ),
+        (
+            "shop.order-events",
+            "1001",
+            "com.example.shop.OrderShipped",
+            json!({"order_id": 1001, "from_status": "paid"}),
+        ),
+        (
+            "shop.order-events",
+            "1002",
+            "com.example.shop.OrderCancelled",
+            json!({"order_id": 1002, "from_status": "pending", "amount": "80.00"}),
+        ),
+        (
+            "shop.order-events",
+            "1003",
+            "com.example.shop.OrderCreated",
+            json!({"order_id": 1003, "customer_id": 9, "amount": "15.00", "status": "pending"}),
+        ),
+        (
+            "shop.order-events",
+            "1003",
+            "com.example.shop.OrderDeleted",
+            json!({"order_id": 1003, "last_status": "pending"}),
+        ),
+        (
+            "shop.customer-events",
+            "7",
+            "com.example.shop.CustomerRegistered",
+            json!({"customer_id": 7, "email": "ada@example.com", "credit_limit": "1500.00", "birth_date": "1835-11-05"}),
+        ),
+        (
+            "shop.customer-events",
+            "7",
+            "com.example.shop.CustomerEmailChanged",
+            json!({"customer_id": 7, "from": "ada@example.com", "to": "ada.lovelace@example.com", "at": "2024-11-25T10:00:05.000000"}),
+        ),
+        (
+            "shop.customer-events",
+            "7",
+            "com.example.shop.CustomerCreditLimitChanged",
+            json!({"customer_id": 7, "from": "1500.00", "to": "2500.00"}),
+        ),
+        (
+            "shop.customer-events",
+            "8",
+            "com.example.shop.CustomerRegistered",
+            json!({"customer_id": 8, "email": "alan@example.com", "credit_limit": "900.00", "birth_date": "1915-03-31"}),
+        ),
+        (
+            "shop.customer-events",
+            "8",
+            "com.example.shop.CustomerDeleted",
+            json!({"customer_id": 8}),
+        ),
+    ];
+    let expected: Vec<(String, String, String, Value)> = expected
+        .into_iter()
+        .map(|(topic, key, kind, data)| (topic.to_owned(), key.to_owned(), kind.to_owned(), data))
+        .collect();
+    assert_eq!(events, expected);
+
+    let dlq_schema = schema("dlq-record.schema.json");
+    let dlq = of_kind(&lines, "dlq");
+    assert_eq!(dlq.len(), 2);
+    for record in &dlq {
+        assert_valid(&dlq_schema, record);
+    }
+    let reasons: Vec<&str> = dlq
+        .iter()
+        .map(|record| {
+            let headers = record["headers"].as_array().unwrap();
+            let at = headers
+                .iter()
+                .position(|h| h == "cdcflow.error.reason")
+                .unwrap();
+            headers[at + 1].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(reasons, ["truncated_json", "unknown_op"]);
+    assert_eq!(
+        of_kind(&lines, "audit").len(),
+        2,
+        "one duplicate and one stale change audited"
+    );
+    assert!(
+        stderr.contains("decisions: applied 15, duplicate 1, stale 1"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("events: 13  dlq records: 2"), "{stderr}");
+}
+
+/// Replaying the same input against the same state file emits no event the second time.
+#[test]
+fn second_replay_emits_nothing() {
+    let state = tempfile::tempdir().unwrap();
+    let path = state.path().join("state.db");
+    let (first, _) = replay(&path, &example_inputs(), &[]);
+    assert_eq!(of_kind(&first, "event").len(), 13);
+    let (second, stderr) = replay(&path, &example_inputs(), &[]);
+    assert!(of_kind(&second, "event").is_empty(), "{second:#?}");
+    assert!(stderr.contains("applied 0"), "{stderr}");
+}
+
+/// Event ids are deterministic: two fresh runs give the same ids.
+#[test]
+fn event_ids_are_stable_across_runs() {
+    let ids = |dir: &tempfile::TempDir| -> Vec<String> {
+        let (lines, _) = replay(&dir.path().join("s.db"), &example_inputs(), &[]);
+        of_kind(&lines, "event")
+            .into_iter()
+            .map(|line| payload(line)["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    assert_eq!(ids(&a), ids(&b));
+}
+
+/// A malformed replay input line is reported with its line number and skipped.
+#[test]
+fn malformed_input_lines_are_reported_and_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input.jsonl");
+    let orders = std::fs::read_to_string(root().join("examples/input/orders.jsonl")).unwrap();
+    let mut lines: Vec<&str> = orders.lines().collect();
+    lines.insert(2, "this is not json");
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let (output, stderr) = replay(&dir.path().join("s.db"), &[input], &[]);
+    assert!(
+        stderr.contains("input line 3: skipped: not a kcat JSON record"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("malformed input lines: 1"), "{stderr}");
+    assert_eq!(
+        of_kind(&output, "event").len(),
+        8,
+        "every order event is still produced"
+    );
+}
+
+/// Binary mode, chosen by an environment override, puts attributes in `ce_` headers.
+#[test]
+fn binary_mode_uses_ce_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (lines, _) = replay(
+        &dir.path().join("s.db"),
+        &example_inputs()[..1],
+        &[("CDCFLOW__EVENTS__MODE", "binary")],
+    );
+    let first = of_kind(&lines, "event")[0];
+    let headers: Vec<&str> = first["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap())
+        .collect();
+    for name in [
+        "ce_specversion",
+        "ce_id",
+        "ce_type",
+        "ce_source",
+        "ce_time",
+        "ce_sequence",
+        "ce_partitionkey",
+        "ce_causationid",
+        "ce_correlationid",
+    ] {
+        assert!(headers.contains(&name), "{name} missing from {headers:?}");
+    }
+    assert_eq!(
+        payload(first),
+        json!({"order_id": 1001, "customer_id": 7, "amount": "120.00", "status": "pending"})
+    );
+}
+
+/// `check` prints the compiled pipelines of a valid config.
+#[test]
+fn check_prints_compiled_pipelines() {
+    let output = cdcflow()
+        .args(["check", "--config", "examples/shop.toml"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("2 pipeline(s)"), "{stdout}");
+    assert!(
+        stdout.contains("rule `paid` -> com.example.shop.OrderPaid"),
+        "{stdout}"
+    );
+}
+
+/// A bad config stops start-up with the key and what would be valid.
+#[test]
+fn bad_config_names_key_and_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "[[pipeline]]\nname = \"o\"\ntopics = [\"t\"]\n[pipeline.version]\nby = \"position\"\n",
+            "config key `pipeline[0].version.by`: unknown variant `position`, expected one of `source_position`, `column`, `ts_ms`",
+        ),
+        (
+            "[[pipeline]]\nname = \"o\"\ntopics = [\"t\"]\ntopicz = [\"t\"]\n",
+            "unknown field `topicz`",
+        ),
+        (
+            "[[pipeline]]\nname = \"o\"\ntopics = [\"t\"]\n[pipeline.version]\nby = \"column\"\n",
+            "config key `pipeline[0].version.column`: version.by = \"column\" needs the column",
+        ),
+        (
+            "[[pipeline]]\nname = \"o\"\ntopics = [\"t\"]\n[[pipeline.rule]]\nname = \"paid\"\nwhen = \"after.status == \"\nevent_type = \"X\"\ntopic = \"e\"\n",
+            "pipeline `o`, rule `paid`, when:",
+        ),
+        ("[state]\npath = \"x.db\"\n", "no pipeline is defined"),
+    ];
+    for (index, (config, message)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("bad{index}.toml"));
+        std::fs::write(&path, config).unwrap();
+        let output = cdcflow()
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "case {index} was accepted");
+        assert!(
+            stderr.contains(message),
+            "case {index}: `{stderr}` lacks `{message}`"
+        );
+    }
+}
+
+/// The example config is valid against the config JSON Schema, and an unknown key is not.
+#[test]
+fn config_schema_matches_the_example() {
+    let validator = schema("config.schema.json");
+    let text = std::fs::read_to_string(root().join("examples/shop.toml")).unwrap();
+    let config: Value =
+        serde_json::to_value(toml::from_str::<toml::Table>(&text).unwrap()).unwrap();
+    assert_valid(&validator, &config);
+    let mut wrong = config.clone();
+    wrong["pipeline"][0]["topicz"] = json!(["x"]);
+    assert!(!validator.is_valid(&wrong));
+}
+
+/// `--help` explains each command to a new user.
+#[test]
+fn help_explains_commands() {
+    let output = cdcflow()
+        .args(["replay", "--help"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(help.contains("kcat -C -J"), "{help}");
+    assert!(help.contains("--state"), "{help}");
+    assert!(
+        help.contains("replaying the same input again emits nothing"),
+        "{help}"
+    );
+}
