@@ -90,7 +90,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn check(path: &PathBuf) -> anyhow::Result<()> {
+fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     let pipelines = config.build_pipelines()?;
     println!(
