@@ -109,7 +109,10 @@ fn bench_decode_and_process(c: &mut Criterion) {
     let mut group = c.benchmark_group("decode_and_process");
     group.throughput(Throughput::Elements(1));
     let cases = [
-        ("postgres_update_plain", record(r#"{"id":1001}"#, &plain_update())),
+        (
+            "postgres_update_plain",
+            record(r#"{"id":1001}"#, &plain_update()),
+        ),
         (
             "postgres_update_schema_wrapped",
             record(
@@ -119,7 +122,10 @@ fn bench_decode_and_process(c: &mut Criterion) {
         ),
     ];
     for (name, input) in &cases {
-        eprintln!("{name}: value is {} bytes", input.value.as_ref().map_or(0, Vec::len));
+        eprintln!(
+            "{name}: value is {} bytes",
+            input.value.as_ref().map_or(0, Vec::len)
+        );
         group.bench_function(*name, |b| {
             b.iter(|| {
                 let DecodeOutcome::Change(change) = pipeline.decode(black_box(input)) else {
@@ -132,15 +138,34 @@ fn bench_decode_and_process(c: &mut Criterion) {
         });
     }
     let input = &cases[0].1;
-    group.bench_function("decode_only_plain", |b| b.iter(|| black_box(pipeline.decode(black_box(input)))));
-    let DecodeOutcome::Change(change) = pipeline.decode(input) else { panic!() };
-    let bare = Config::parse("[[pipeline]]\nname = \"orders\"\ntopics = [\"t\"]\n", "bench", Vec::new()).unwrap().build_pipelines().unwrap();
-    group.bench_function("apply_no_rules", |b| b.iter(|| black_box(bare[0].1.apply(input, &change, Some(&stored), 0).unwrap())));
-    group.bench_function("apply_two_rules", |b| b.iter(|| black_box(pipeline.apply(input, &change, Some(&stored), 0).unwrap())));
+    group.bench_function("decode_only_plain", |b| {
+        b.iter(|| black_box(pipeline.decode(black_box(input))))
+    });
+    let DecodeOutcome::Change(change) = pipeline.decode(input) else {
+        panic!()
+    };
+    let bare = Config::parse(
+        "[[pipeline]]\nname = \"orders\"\ntopics = [\"t\"]\n",
+        "bench",
+        Vec::new(),
+    )
+    .unwrap()
+    .build_pipelines()
+    .unwrap();
+    group.bench_function("apply_no_rules", |b| {
+        b.iter(|| black_box(bare[0].1.apply(input, &change, Some(&stored), 0).unwrap()))
+    });
+    group.bench_function("apply_two_rules", |b| {
+        b.iter(|| black_box(pipeline.apply(input, &change, Some(&stored), 0).unwrap()))
+    });
     let falsy = Config::parse("[[pipeline]]\nname = \"orders\"\ntopics = [\"t\"]\n[[pipeline.rule]]\nname=\"a\"\nwhen=\"op == 'x' && after.status == 'paid' && old != null && old.status != 'paid'\"\nevent_type=\"x\"\ntopic=\"y\"\n", "bench", Vec::new()).unwrap().build_pipelines().unwrap();
-    group.bench_function("apply_rule_never_fires", |b| b.iter(|| black_box(falsy[0].1.apply(input, &change, Some(&stored), 0).unwrap())));
+    group.bench_function("apply_rule_never_fires", |b| {
+        b.iter(|| black_box(falsy[0].1.apply(input, &change, Some(&stored), 0).unwrap()))
+    });
     let lone = Config::parse("[[pipeline]]\nname = \"orders\"\ntopics = [\"t\"]\n[[pipeline.rule]]\nname=\"a\"\nwhen=\"op == 'u'\"\nevent_type=\"x\"\ntopic=\"y\"\npayload=\"1\"\n", "bench", Vec::new()).unwrap().build_pipelines().unwrap();
-    group.bench_function("apply_one_trivial_event", |b| b.iter(|| black_box(lone[0].1.apply(input, &change, Some(&stored), 0).unwrap())));
+    group.bench_function("apply_one_trivial_event", |b| {
+        b.iter(|| black_box(lone[0].1.apply(input, &change, Some(&stored), 0).unwrap()))
+    });
     group.finish();
 }
 

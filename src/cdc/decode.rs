@@ -37,12 +37,16 @@ const FLAT_DELETED: &str = "__deleted";
 const FLAT_SOURCE_PREFIX: &str = "__source_";
 const FLAT_TS_MS: &str = "__ts_ms";
 
+/// serde_json's own recursion limit: it returns an error, never overflows the stack.
+const SERDE_DEPTH_LIMIT: usize = 128;
+
 /// Size and shape limits that keep one hostile record from hurting the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecodeLimits {
     /// Key plus value bytes above this are rejected before parsing.
     pub max_record_bytes: usize,
-    /// JSON nesting beyond this is rejected before parsing (serde_json stops at 128 anyway).
+    /// JSON nesting beyond this is rejected. At 128 (the default) serde_json's own limit
+    /// applies at no cost; a lower limit costs one scan of the bytes.
     pub max_nesting_depth: usize,
 }
 
@@ -50,7 +54,7 @@ impl Default for DecodeLimits {
     fn default() -> Self {
         DecodeLimits {
             max_record_bytes: 1024 * 1024,
-            max_nesting_depth: 64,
+            max_nesting_depth: SERDE_DEPTH_LIMIT,
         }
     }
 }
@@ -180,7 +184,10 @@ impl Decoder {
             part,
             valid_up_to: error.valid_up_to(),
         })?;
-        if exceeds_depth(bytes, self.limits.max_nesting_depth) {
+        // serde_json stops at SERDE_DEPTH_LIMIT on its own; scan only for a tighter limit.
+        if self.limits.max_nesting_depth < SERDE_DEPTH_LIMIT
+            && exceeds_depth(bytes, self.limits.max_nesting_depth)
+        {
             return Err(DecodeError::TooDeep {
                 part,
                 limit: self.limits.max_nesting_depth,
@@ -198,7 +205,10 @@ fn classify_json_error(part: &'static str, error: &serde_json::Error) -> DecodeE
             column: error.column(),
         }
     } else if error.to_string().starts_with("recursion limit exceeded") {
-        DecodeError::TooDeep { part, limit: 128 }
+        DecodeError::TooDeep {
+            part,
+            limit: SERDE_DEPTH_LIMIT,
+        }
     } else {
         DecodeError::Malformed {
             part,

@@ -11,25 +11,24 @@
 
 use std::sync::LazyLock;
 
-use serde_json::{Map, Value};
+use serde::Serialize;
+use serde_json::Value;
 use uuid::Uuid;
 
 use super::output::{OutputKind, OutputRecord};
-use super::version::Version;
 
 /// The namespace of every event id: UUIDv5 of a fixed URN, so ids never depend on a deployment.
 static EVENT_NAMESPACE: LazyLock<Uuid> =
     LazyLock::new(|| Uuid::new_v5(&Uuid::NAMESPACE_URL, b"urn:cdcflow:business-event"));
 
-/// The deterministic event id: UUIDv5 of (pipeline, rule, entity key, version). A replay of the
-/// same change yields the same id, so any consumer can deduplicate.
-pub fn event_id(pipeline: &str, rule: &str, entity_key: &str, version: &Version) -> Uuid {
-    let sequence = version.sequence();
+/// The deterministic event id: UUIDv5 of (pipeline, rule, entity key, version sequence). A
+/// replay of the same change yields the same id, so any consumer can deduplicate.
+pub fn event_id(pipeline: &str, rule: &str, entity_key: &str, sequence: &str) -> Uuid {
     let mut name =
         Vec::with_capacity(pipeline.len() + rule.len() + entity_key.len() + sequence.len() + 3);
     // The unit separator cannot appear in pipeline or rule names, so the fields never run into
     // each other.
-    for (index, part) in [pipeline, rule, entity_key, &sequence].iter().enumerate() {
+    for (index, part) in [pipeline, rule, entity_key, sequence].iter().enumerate() {
         if index > 0 {
             name.push(0x1f);
         }
@@ -64,69 +63,105 @@ pub struct BusinessEvent {
     pub correlation_id: Option<String>,
 }
 
+/// The structured-mode document, borrowed from an event for serialisation.
+#[derive(Serialize)]
+struct Document<'a> {
+    specversion: &'static str,
+    id: &'a str,
+    source: &'a str,
+    #[serde(rename = "type")]
+    event_type: &'a str,
+    subject: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    time: Option<&'a str>,
+    datacontenttype: &'static str,
+    data: &'a Value,
+    entityversion: &'a str,
+    sequence: &'a str,
+    partitionkey: &'a str,
+    causationid: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    correlationid: Option<&'a str>,
+}
+
 impl BusinessEvent {
-    /// The context attributes and extensions, in CloudEvents names, without `data`.
-    fn attributes(&self) -> Vec<(&'static str, String)> {
-        let mut attributes = vec![
-            ("specversion", "1.0".to_owned()),
-            ("id", self.id.to_string()),
-            ("source", self.source.clone()),
-            ("type", self.event_type.clone()),
-            ("subject", self.subject.clone()),
-        ];
-        if let Some(time) = &self.time {
-            attributes.push(("time", time.clone()));
+    fn document<'a>(&'a self, id: &'a str) -> Document<'a> {
+        Document {
+            specversion: "1.0",
+            id,
+            source: &self.source,
+            event_type: &self.event_type,
+            subject: &self.subject,
+            time: self.time.as_deref(),
+            datacontenttype: "application/json",
+            data: &self.data,
+            entityversion: &self.entity_version,
+            sequence: &self.sequence,
+            partitionkey: &self.partition_key,
+            causationid: &self.causation_id,
+            correlationid: self.correlation_id.as_deref(),
         }
-        attributes.extend([
-            ("entityversion", self.entity_version.clone()),
-            ("sequence", self.sequence.clone()),
-            ("partitionkey", self.partition_key.clone()),
-            ("causationid", self.causation_id.clone()),
-        ]);
-        if let Some(correlation) = &self.correlation_id {
-            attributes.push(("correlationid", correlation.clone()));
-        }
-        attributes
     }
 
     /// The structured-mode JSON document.
     pub fn to_json(&self) -> Value {
-        let mut document = Map::new();
-        for (name, value) in self.attributes() {
-            document.insert(name.to_owned(), Value::String(value));
-        }
-        document.insert(
-            "datacontenttype".to_owned(),
-            Value::String("application/json".to_owned()),
-        );
-        document.insert("data".to_owned(), self.data.clone());
-        Value::Object(document)
+        let id = self.id.to_string();
+        serde_json::to_value(self.document(&id)).unwrap_or(Value::Null)
     }
 
     /// The Kafka record for this event, keyed by entity so order per entity holds downstream.
     pub fn to_output(&self, topic: &str, mode: EventMode) -> OutputRecord {
+        let mut id_buffer = Uuid::encode_buffer();
+        let id: &str = self.id.hyphenated().encode_lower(&mut id_buffer);
         let (headers, value) = match mode {
             EventMode::Structured => (
                 vec![(
                     "content-type".to_owned(),
                     b"application/cloudevents+json; charset=UTF-8".to_vec(),
                 )],
-                self.to_json().to_string().into_bytes(),
+                // Serialising borrowed strings and a JSON value into a Vec cannot fail.
+                serde_json::to_vec(&self.document(id)).unwrap_or_default(),
             ),
             EventMode::Binary => {
-                let mut headers: Vec<(String, Vec<u8>)> = self
-                    .attributes()
-                    .into_iter()
-                    .map(|(name, value)| (format!("ce_{name}"), value.into_bytes()))
-                    .collect();
+                let mut headers = vec![
+                    ("ce_specversion".to_owned(), b"1.0".to_vec()),
+                    ("ce_id".to_owned(), id.as_bytes().to_vec()),
+                    ("ce_source".to_owned(), self.source.as_bytes().to_vec()),
+                    ("ce_type".to_owned(), self.event_type.as_bytes().to_vec()),
+                    ("ce_subject".to_owned(), self.subject.as_bytes().to_vec()),
+                ];
+                if let Some(time) = &self.time {
+                    headers.push(("ce_time".to_owned(), time.as_bytes().to_vec()));
+                }
+                headers.extend([
+                    (
+                        "ce_entityversion".to_owned(),
+                        self.entity_version.as_bytes().to_vec(),
+                    ),
+                    ("ce_sequence".to_owned(), self.sequence.as_bytes().to_vec()),
+                    (
+                        "ce_partitionkey".to_owned(),
+                        self.partition_key.as_bytes().to_vec(),
+                    ),
+                    (
+                        "ce_causationid".to_owned(),
+                        self.causation_id.as_bytes().to_vec(),
+                    ),
+                ]);
+                if let Some(correlation) = &self.correlation_id {
+                    headers.push((
+                        "ce_correlationid".to_owned(),
+                        correlation.as_bytes().to_vec(),
+                    ));
+                }
                 headers.push(("content-type".to_owned(), b"application/json".to_vec()));
-                (headers, self.data.to_string().into_bytes())
+                (headers, serde_json::to_vec(&self.data).unwrap_or_default())
             }
         };
         OutputRecord {
             kind: OutputKind::Event,
             topic: topic.to_owned(),
-            key: Some(self.partition_key.clone().into_bytes()),
+            key: Some(self.partition_key.as_bytes().to_vec()),
             headers,
             value: Some(value),
         }
@@ -140,20 +175,25 @@ mod tests {
     /// The same (pipeline, rule, key, version) always gives the same id; any difference changes it.
     #[test]
     fn event_ids_are_deterministic_and_distinct() {
-        let version = Version::new(vec![10, 20]);
-        let id = event_id("orders", "paid", "1001", &version);
-        assert_eq!(id, event_id("orders", "paid", "1001", &version));
+        let version = "000000000000000a.0000000000000014";
+        let id = event_id("orders", "paid", "1001", version);
+        assert_eq!(id, event_id("orders", "paid", "1001", version));
         assert_eq!(id.get_version_num(), 5);
-        assert_ne!(id, event_id("orders", "shipped", "1001", &version));
-        assert_ne!(id, event_id("orders", "paid", "1002", &version));
+        assert_ne!(id, event_id("orders", "shipped", "1001", version));
+        assert_ne!(id, event_id("orders", "paid", "1002", version));
         assert_ne!(
             id,
-            event_id("orders", "paid", "1001", &Version::new(vec![10, 21]))
+            event_id(
+                "orders",
+                "paid",
+                "1001",
+                "000000000000000a.0000000000000015"
+            )
         );
         // Field boundaries matter: ("ab","c") and ("a","bc") differ.
         assert_ne!(
-            event_id("ab", "c", "k", &version),
-            event_id("a", "bc", "k", &version)
+            event_id("ab", "c", "k", version),
+            event_id("a", "bc", "k", version)
         );
     }
 }

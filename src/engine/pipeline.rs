@@ -164,6 +164,8 @@ impl Pipeline {
             })?;
         let time = change.source_ts_ms().map(crate::cdc::format_epoch_millis);
         let causation = record.origin().to_string();
+        let sequence = version.sequence();
+        let entity_version = version.to_string();
         let mut outputs = Vec::with_capacity(fired.len());
         let mut event_types = Vec::with_capacity(fired.len());
         for fired in fired {
@@ -172,15 +174,15 @@ impl Pipeline {
                     &settings.name,
                     &fired.rule.name,
                     change.key.as_str(),
-                    &version,
+                    &sequence,
                 ),
                 source: settings.event_source.clone(),
                 event_type: fired.rule.event_type.clone(),
                 subject: change.key.as_str().to_owned(),
                 time: time.clone(),
                 data: fired.data,
-                entity_version: version.to_string(),
-                sequence: version.sequence(),
+                entity_version: entity_version.clone(),
+                sequence: sequence.clone(),
                 partition_key: change.key.as_str().to_owned(),
                 causation_id: causation.clone(),
                 correlation_id: change.transaction_id.clone(),

@@ -25,12 +25,15 @@ impl Version {
     /// Lexicographically ordered text (16 hex digits per component, `.`-separated): the
     /// CloudEvents `sequence` extension and the stored form.
     pub fn sequence(&self) -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut text = String::with_capacity(self.0.len() * 17);
         for (index, component) in self.0.iter().enumerate() {
             if index > 0 {
                 text.push('.');
             }
-            text.push_str(&format!("{component:016x}"));
+            for shift in (0..16).rev() {
+                text.push(char::from(HEX[((component >> (shift * 4)) & 0xf) as usize]));
+            }
         }
         text
     }

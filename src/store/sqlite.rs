@@ -51,7 +51,9 @@ impl SqliteStore {
         }
         .synchronous(SqliteSynchronous::Normal)
         .busy_timeout(std::time::Duration::from_secs(5))
-        .pragma("cache_size", "-16384");
+        .pragma("cache_size", "-16384")
+        // Multi-row upserts write a statement journal; keep it off the disk.
+        .pragma("temp_store", "memory");
         // One connection: the store has one writer, and a second connection to `:memory:`
         // would see a different database.
         let pool = SqlitePoolOptions::new()

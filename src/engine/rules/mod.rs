@@ -11,6 +11,8 @@
 //! - `changed`: the names of the fields whose value differs between `old` and `after` (a
 //!   missing image counts as all nulls), so `'status' in changed` reads "status changed".
 
+mod references;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -18,6 +20,8 @@ use cel::objects::{Key, Map as CelMap};
 use cel::{Context, Env, Program, Value as CelValue};
 use serde_json::{Map, Value};
 use thiserror::Error;
+
+use references::{References, Use};
 
 pub(crate) const VARIABLES: [&str; 8] = [
     "op", "before", "after", "previous", "old", "key", "source", "changed",
@@ -102,8 +106,50 @@ pub struct RuleInput<'a> {
 pub struct CompiledRules {
     env: Arc<Env>,
     rules: Vec<CompiledRule>,
-    /// Which of [`VARIABLES`] any rule reads, so unread images are never converted.
-    used: [bool; VARIABLES.len()],
+    /// How each of [`VARIABLES`] is converted per record: unread variables never are, and
+    /// images read only through fields get just those fields.
+    conversions: [Conversion; VARIABLES.len()],
+}
+
+/// How one variable becomes a CEL value for a record.
+#[derive(Debug, Clone, Default)]
+enum Conversion {
+    #[default]
+    Unused,
+    /// Only these fields, with their CEL keys built once.
+    Fields(Vec<(String, Key)>),
+    Whole,
+}
+
+impl Conversion {
+    fn from_use(usage: Option<&Use>) -> Conversion {
+        match usage {
+            None => Conversion::Unused,
+            Some(Use::Whole) => Conversion::Whole,
+            Some(Use::Fields(fields)) => Conversion::Fields(
+                fields
+                    .iter()
+                    .map(|field| (field.clone(), Key::String(Arc::new(field.clone()))))
+                    .collect(),
+            ),
+        }
+    }
+
+    fn row(&self, row: Option<&Map<String, Value>>) -> CelValue {
+        match (self, row) {
+            (_, None) => CelValue::Null,
+            (Conversion::Fields(fields), Some(row)) => {
+                let mut map = HashMap::with_capacity(fields.len());
+                for (name, key) in fields {
+                    if let Some(value) = row.get(name) {
+                        map.insert(key.clone(), json_to_cel(value));
+                    }
+                }
+                CelValue::Map(CelMap { map: Arc::new(map) })
+            }
+            (_, Some(row)) => row_to_cel(row),
+        }
+    }
 }
 
 impl std::fmt::Debug for CompiledRules {
@@ -138,24 +184,21 @@ impl CompiledRules {
                     message: error.to_string(),
                 })?;
         }
-        let mut used = [false; VARIABLES.len()];
+        let mut used: [Option<Use>; VARIABLES.len()] = Default::default();
         let mut rules = Vec::with_capacity(specs.len());
         for spec in specs {
-            let compile = |part: String, source: &str, used: &mut [bool; VARIABLES.len()]| {
-                compile_expression(&env, source, used).map_err(|message| RuleCompileError {
-                    pipeline: pipeline.to_owned(),
-                    rule: spec.name.clone(),
-                    part,
-                    message,
-                })
-            };
+            let compile =
+                |part: String, source: &str, used: &mut [Option<Use>; VARIABLES.len()]| {
+                    compile_expression(&env, source, used).map_err(|message| RuleCompileError {
+                        pipeline: pipeline.to_owned(),
+                        rule: spec.name.clone(),
+                        part,
+                        message,
+                    })
+                };
             let when = compile("when".to_owned(), &spec.when, &mut used)?;
             let payload = match &spec.payload {
-                PayloadSpec::Row => {
-                    used[index_of("after")] = true;
-                    used[index_of("before")] = true;
-                    CompiledPayload::Row
-                }
+                PayloadSpec::Row => CompiledPayload::Row,
                 PayloadSpec::Fields(fields) => CompiledPayload::Fields(
                     fields
                         .iter()
@@ -178,7 +221,9 @@ impl CompiledRules {
         Ok(CompiledRules {
             env: Arc::new(env),
             rules,
-            used,
+            conversions: used
+                .each_ref()
+                .map(|usage| Conversion::from_use(usage.as_ref())),
         })
     }
 
@@ -192,7 +237,8 @@ impl CompiledRules {
 
     /// Whether any rule reads the stored image (`previous` or `old`).
     pub fn reads_previous(&self) -> bool {
-        self.used[index_of("previous")] || self.used[index_of("old")]
+        !matches!(self.conversions[index_of("previous")], Conversion::Unused)
+            || !matches!(self.conversions[index_of("old")], Conversion::Unused)
     }
 
     /// Evaluates every rule; returns those that fired, in declaration order.
@@ -202,18 +248,21 @@ impl CompiledRules {
         }
         let mut context = Context::with_env(Arc::clone(&self.env));
         let old = input.before.or(input.previous);
-        for (index, name) in VARIABLES.iter().enumerate() {
-            if !self.used[index] {
+        for (name, conversion) in VARIABLES.iter().zip(&self.conversions) {
+            if matches!(conversion, Conversion::Unused) {
                 continue;
             }
             let value = match *name {
                 "op" => CelValue::String(Arc::new(input.op.to_owned())),
-                "before" => optional_row(input.before),
-                "after" => optional_row(input.after),
-                "previous" => optional_row(input.previous),
-                "old" => optional_row(old),
-                "key" => json_to_cel(input.key),
-                "source" => row_to_cel(input.source),
+                "before" => conversion.row(input.before),
+                "after" => conversion.row(input.after),
+                "previous" => conversion.row(input.previous),
+                "old" => conversion.row(old),
+                "key" => match input.key {
+                    Value::Object(fields) => conversion.row(Some(fields)),
+                    other => json_to_cel(other),
+                },
+                "source" => conversion.row(Some(input.source)),
                 _ => changed_fields(old, input.after),
             };
             context.add_variable_from_value(*name, value);
@@ -278,7 +327,7 @@ fn index_of(variable: &str) -> usize {
 fn compile_expression(
     env: &Env,
     source: &str,
-    used: &mut [bool; VARIABLES.len()],
+    used: &mut [Option<Use>; VARIABLES.len()],
 ) -> Result<CompiledExpression, String> {
     if source.trim().is_empty() {
         return Err("the expression is empty".to_owned());
@@ -291,18 +340,20 @@ fn compile_expression(
             .collect::<Vec<_>>()
             .join("; ")
     })?;
-    let references = program.references();
-    for variable in references.variables() {
-        match VARIABLES.iter().position(|name| *name == variable) {
-            Some(index) => used[index] = true,
-            None if is_bound_by_macro(source, variable) => {}
-            None => {
-                return Err(format!(
-                    "unknown variable `{variable}` in `{source}`; rules can read {}",
-                    VARIABLES.join(", ")
-                ));
-            }
-        }
+    let references = References::of(program.expression());
+    if let Some((name, id)) = references.unknown.first() {
+        let at = program
+            .source_info()
+            .offset_for(*id)
+            .map(|(start, _)| line_and_column(source, start as usize))
+            .map_or_else(String::new, |(line, column)| format!(" at {line}:{column}"));
+        return Err(format!(
+            "unknown variable `{name}`{at} in `{source}`; rules can read {}",
+            VARIABLES.join(", ")
+        ));
+    }
+    for (slot, usage) in used.iter_mut().zip(&references.uses) {
+        Use::merge(slot, usage);
     }
     Ok(CompiledExpression {
         source: source.to_owned(),
@@ -310,21 +361,16 @@ fn compile_expression(
     })
 }
 
-/// Comprehension macros (`all`, `exists`, `exists_one`, `map`, `filter`) bind their first
-/// argument as a variable: `items.exists(i, i.qty > 0)` reads `i` legitimately.
-fn is_bound_by_macro(source: &str, variable: &str) -> bool {
-    ["all", "exists", "exists_one", "map", "filter"]
-        .iter()
-        .any(|name| {
-            source
-                .match_indices(&format!("{name}("))
-                .any(|(at, matched)| {
-                    source[at + matched.len()..]
-                        .trim_start()
-                        .strip_prefix(variable)
-                        .is_some_and(|rest| rest.trim_start().starts_with(','))
-                })
-        })
+/// 1-based line and column of a character offset.
+fn line_and_column(source: &str, offset: usize) -> (usize, usize) {
+    let before: String = source.chars().take(offset).collect();
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rsplit('\n')
+        .next()
+        .map_or(0, |last| last.chars().count())
+        + 1;
+    (line, column)
 }
 
 fn evaluate_to_json(
@@ -362,10 +408,6 @@ fn changed_fields(old: Option<&Map<String, Value>>, new: Option<&Map<String, Val
             .map(|name| CelValue::String(Arc::new(name.clone())))
             .collect(),
     ))
-}
-
-fn optional_row(row: Option<&Map<String, Value>>) -> CelValue {
-    row.map_or(CelValue::Null, row_to_cel)
 }
 
 fn row_to_cel(row: &Map<String, Value>) -> CelValue {
