@@ -41,6 +41,16 @@ impl SqliteStore {
             path: display.clone(),
             source,
         };
+        if display != ":memory:"
+            && let Some(parent) = path
+                .parent()
+                .filter(|parent| !parent.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(parent).map_err(|error| StoreError::Open {
+                path: display.clone(),
+                source: sqlx::Error::Io(error),
+            })?;
+        }
         let options = if display == ":memory:" {
             SqliteConnectOptions::from_str("sqlite::memory:").map_err(open_error)?
         } else {
