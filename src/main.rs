@@ -4,12 +4,13 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context as _;
 use cdcflow::config::Config;
 use cdcflow::metrics::Tally;
-use cdcflow::runtime::{ReplayOptions, replay};
+use cdcflow::runtime::{ReplayOptions, SharedPipelines, replay};
 use cdcflow::store::{MemoryStore, SqliteStore, StateStore};
 use clap::{Parser, Subcommand};
 
@@ -81,7 +82,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             state,
             in_memory,
         } => {
-            let runtime = tokio::runtime::Builder::new_current_thread()
+            // Two workers: the replay task, and the background state saves beside it.
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
@@ -130,19 +133,21 @@ async fn replay_command(
     in_memory: bool,
 ) -> anyhow::Result<()> {
     let config = Config::load(&config_path)?;
-    let pipelines = config.build_pipelines()?;
+    let pipelines = std::sync::Arc::new(config.build_pipelines()?);
     let options = ReplayOptions {
         batch_size: config.replay.batch_size,
         cache_entries: config.state.cache_entries,
     };
     let started = Instant::now();
     let tally = if in_memory {
-        run_inputs(&pipelines, &MemoryStore::new(), &inputs, options).await?
+        run_inputs(&pipelines, Arc::new(MemoryStore::new()), &inputs, options).await?
     } else {
         let path = state.unwrap_or_else(|| config.state.path.clone());
-        let store = SqliteStore::open(&path).await?;
-        let tally = run_inputs(&pipelines, &store, &inputs, options).await?;
-        store.close().await;
+        let store = Arc::new(SqliteStore::open(&path).await?);
+        let tally = run_inputs(&pipelines, Arc::clone(&store), &inputs, options).await?;
+        if let Ok(store) = Arc::try_unwrap(store) {
+            store.close().await;
+        }
         tally
     };
     print_summary(&tally, started.elapsed());
@@ -150,8 +155,8 @@ async fn replay_command(
 }
 
 async fn run_inputs<S: StateStore>(
-    pipelines: &[(cdcflow::config::TopicRoute, cdcflow::engine::Pipeline)],
-    store: &S,
+    pipelines: &SharedPipelines,
+    store: Arc<S>,
     inputs: &[PathBuf],
     options: ReplayOptions,
 ) -> anyhow::Result<Tally> {
@@ -166,17 +171,17 @@ async fn run_inputs<S: StateStore>(
     };
     let mut total = Tally::default();
     for path in inputs {
-        let mut reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
-            Box::new(BufReader::new(io::stdin().lock()))
+        let reader: Box<dyn BufRead + Send> = if path.as_os_str() == "-" {
+            Box::new(BufReader::new(io::stdin()))
         } else {
             let file = File::open(path)
                 .with_context(|| format!("cannot open replay input `{}`", path.display()))?;
             Box::new(BufReader::with_capacity(1 << 16, file))
         };
         let tally = replay(
-            pipelines,
-            store,
-            &mut reader,
+            Arc::clone(pipelines),
+            Arc::clone(&store),
+            reader,
             &mut output,
             &mut diagnostics,
             options,

@@ -9,7 +9,9 @@ use std::path::Path;
 
 use serde_json::{Map, Value, json};
 
-use cdcflow::cdc::{Change, Decoded, Decoder, EnvelopeFormat, Header, Op, RawRecord, SkipReason};
+use cdcflow::cdc::{
+    Change, DecodeLimits, Decoded, Decoder, EnvelopeFormat, Header, Op, RawRecord, SkipReason,
+};
 use cdcflow::engine::{Connector, Version, VersionSource, VersionSpec};
 
 fn fixture(name: &str) -> Value {
@@ -427,10 +429,11 @@ fn flattened_update_rebuilds_source_from_metadata_fields() {
         [1_710_597_912_300]
     );
 
-    let explicit = Decoder {
-        format: EnvelopeFormat::Flattened,
-        ..Decoder::default()
-    };
+    let explicit = Decoder::new(
+        DecodeLimits::default(),
+        EnvelopeFormat::Flattened,
+        Vec::new(),
+    );
     let record = fixture_record(&fixture);
     assert_eq!(explicit.decode(&record).unwrap(), decode(&record));
 }

@@ -118,8 +118,10 @@ fn run(records: &[RawRecord], batch_size: usize, store: &MemoryStore) -> RunResu
             }
             assert_ne!(output.kind, OutputKind::DeadLetter, "no record here is bad");
         }
-        runtime.block_on(store.save(&outcome.writes)).unwrap();
-        cache.trim();
+        runtime.block_on(store.save(outcome.writes)).unwrap();
+        if cache.over_capacity() {
+            cache.clear();
+        }
     }
     let keys: Vec<String> = (1..=4).map(|id| id.to_string()).collect();
     let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();

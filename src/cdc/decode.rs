@@ -15,6 +15,10 @@
 //! `delete.handling.mode=rewrite`) is the row itself plus `__op`, `__table`, `__lsn`,
 //! `__source_ts_ms` and `__deleted`.
 
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::change::{Change, Op, source_transaction_id};
@@ -22,6 +26,7 @@ use super::error::{DecodeError, json_type_name};
 use super::key::EntityKey;
 use super::logical::{convert_row, field_schema};
 use super::record::RawRecord;
+use super::schema_cache::SchemaCache;
 
 const SCHEMA: &str = "schema";
 const PAYLOAD: &str = "payload";
@@ -101,6 +106,27 @@ pub struct Decoder {
     pub format: EnvelopeFormat,
     /// Row fields that identify the entity when a record has no key.
     pub key_fields: Vec<String>,
+    schemas: SchemaCache,
+}
+
+impl Decoder {
+    pub fn new(limits: DecodeLimits, format: EnvelopeFormat, key_fields: Vec<String>) -> Decoder {
+        Decoder {
+            limits,
+            format,
+            key_fields,
+            schemas: SchemaCache::default(),
+        }
+    }
+}
+
+/// The JsonConverter wrapper with its schema left unparsed, to be looked up in the cache.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Wrapped<'a> {
+    #[serde(borrow)]
+    schema: Option<&'a RawValue>,
+    payload: Value,
 }
 
 impl Decoder {
@@ -115,7 +141,7 @@ impl Decoder {
         let Some(value_bytes) = record.value.as_deref().filter(|bytes| !bytes.is_empty()) else {
             return Ok(Decoded::Skip(SkipReason::Tombstone));
         };
-        let (payload, schema) = match unwrap_schema(self.parse("value", value_bytes)?) {
+        let (payload, schema) = match self.parse("value", value_bytes)? {
             (Value::Null, _) => return Ok(Decoded::Skip(SkipReason::Tombstone)),
             (Value::Object(payload), schema) => (payload, schema),
             (other, _) => {
@@ -134,9 +160,9 @@ impl Decoder {
             }
         };
         let body = if flattened {
-            flattened_body(payload, schema.as_ref())?
+            flattened_body(payload, schema.as_deref())?
         } else {
-            match envelope_body(payload, schema.as_ref())? {
+            match envelope_body(payload, schema.as_deref())? {
                 Some(body) => body,
                 None => return Ok(Decoded::Skip(SkipReason::LogicalMessage)),
             }
@@ -161,8 +187,8 @@ impl Decoder {
             return Ok(EntityKey::table());
         }
         if let Some(bytes) = record.key.as_deref().filter(|bytes| !bytes.is_empty()) {
-            let (mut key, schema) = unwrap_schema(self.parse("key", bytes)?);
-            if let (Value::Object(fields), Some(schema)) = (&mut key, schema.as_ref()) {
+            let (mut key, schema) = self.parse("key", bytes)?;
+            if let (Value::Object(fields), Some(schema)) = (&mut key, schema.as_deref()) {
                 convert_row(fields, schema, "key")?;
             }
             if !key.is_null() {
@@ -179,7 +205,12 @@ impl Decoder {
             })
     }
 
-    fn parse(&self, part: &'static str, bytes: &[u8]) -> Result<Value, DecodeError> {
+    /// Parses a key or value, splitting off the JsonConverter schema when it is there.
+    fn parse(
+        &self,
+        part: &'static str,
+        bytes: &[u8],
+    ) -> Result<(Value, Option<Arc<Value>>), DecodeError> {
         let text = std::str::from_utf8(bytes).map_err(|error| DecodeError::NotUtf8 {
             part,
             valid_up_to: error.valid_up_to(),
@@ -193,7 +224,26 @@ impl Decoder {
                 limit: self.limits.max_nesting_depth,
             });
         }
-        serde_json::from_str(text).map_err(|error| classify_json_error(part, &error))
+        // Only a value that opens with one of the wrapper's two fields is worth the borrowed
+        // fast path; anything that is not exactly {schema, payload} parses as plain JSON.
+        let opening = text.trim_start();
+        if (opening.starts_with("{\"schema\"") || opening.starts_with("{\"payload\""))
+            && let Ok(wrapped) = serde_json::from_str::<Wrapped<'_>>(text)
+        {
+            let schema = match wrapped.schema.filter(|raw| raw.get() != "null") {
+                Some(raw) => Some(
+                    self.schemas
+                        .get(raw.get())
+                        .map_err(|error| classify_json_error(part, &error))?,
+                ),
+                None => None,
+            };
+            return Ok((wrapped.payload, schema));
+        }
+        let value =
+            serde_json::from_str(text).map_err(|error| classify_json_error(part, &error))?;
+        let (value, schema) = unwrap_schema(value);
+        Ok((value, schema.map(Arc::new)))
     }
 }
 

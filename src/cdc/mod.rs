@@ -11,6 +11,7 @@ mod error;
 mod key;
 mod logical;
 mod record;
+mod schema_cache;
 mod time;
 
 pub use change::{Change, Op};

@@ -233,11 +233,11 @@ impl Config {
                 };
                 let settings = PipelineSettings {
                     name: pipeline.name.clone(),
-                    decoder: Decoder {
-                        limits: self.limits.to_decode_limits(),
-                        format: pipeline.format.to_format(),
-                        key_fields: pipeline.key_fields.clone(),
-                    },
+                    decoder: Decoder::new(
+                        self.limits.to_decode_limits(),
+                        pipeline.format.to_format(),
+                        pipeline.key_fields.clone(),
+                    ),
                     version: pipeline.version.to_spec(),
                     rules,
                     dlq_topic: pipeline.dlq_topic(),

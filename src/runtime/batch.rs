@@ -28,12 +28,10 @@ impl StateCache {
         self.per_pipeline.iter().map(HashMap::len).sum()
     }
 
-    /// Drops everything once over capacity. Called between batches, when every entry is
-    /// already in the store, so dropping loses nothing but speed.
-    pub fn trim(&mut self) {
-        if self.len() > self.capacity {
-            self.per_pipeline.iter_mut().for_each(HashMap::clear);
-        }
+    /// Whether the cache holds more entries than its capacity. The caller clears it only when
+    /// every entry is already in the store, so clearing loses nothing but speed.
+    pub fn over_capacity(&self) -> bool {
+        self.len() > self.capacity
     }
 
     /// Forgets every entry (after an aborted batch whose staged states must not be seen).
@@ -50,16 +48,29 @@ pub struct BatchOutcome {
     pub writes: Vec<StateWrite>,
 }
 
+/// A batch after routing and decoding: the first, parallelisable stage.
+#[derive(Debug, Default)]
+pub struct DecodedBatch {
+    records: Vec<RawRecord>,
+    /// (record index, pipeline index, outcome), in record order.
+    items: Vec<(usize, usize, DecodeOutcome)>,
+    unrouted: u64,
+}
+
+impl DecodedBatch {
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+}
+
 /// Routes records to pipelines and runs them against cached and stored state.
 #[derive(Debug)]
 pub struct BatchProcessor<'p> {
     pipelines: &'p [(TopicRoute, Pipeline)],
-}
-
-struct Decoded<'r> {
-    record: &'r RawRecord,
-    pipeline: usize,
-    outcome: DecodeOutcome,
 }
 
 impl<'p> BatchProcessor<'p> {
@@ -67,6 +78,30 @@ impl<'p> BatchProcessor<'p> {
         BatchProcessor { pipelines }
     }
 
+    /// Routes and decodes records. Needs no state, so it can run ahead on another thread.
+    pub fn decode(&self, records: Vec<RawRecord>) -> DecodedBatch {
+        let mut items = Vec::with_capacity(records.len());
+        let mut unrouted = 0;
+        for (index, record) in records.iter().enumerate() {
+            let mut routed = false;
+            for (pipeline_index, (route, pipeline)) in self.pipelines.iter().enumerate() {
+                if route.matches(&record.topic) {
+                    routed = true;
+                    items.push((index, pipeline_index, pipeline.decode(record)));
+                }
+            }
+            if !routed {
+                unrouted += 1;
+            }
+        }
+        DecodedBatch {
+            records,
+            items,
+            unrouted,
+        }
+    }
+
+    /// Decodes and applies one batch.
     pub async fn process<S: StateStore>(
         &self,
         records: &[RawRecord],
@@ -75,32 +110,30 @@ impl<'p> BatchProcessor<'p> {
         tally: &mut Tally,
         now_ms: i64,
     ) -> Result<BatchOutcome, StoreError> {
-        let mut decoded = Vec::with_capacity(records.len());
-        for record in records {
-            tally.records_read += 1;
-            let mut routed = false;
-            for (index, (route, pipeline)) in self.pipelines.iter().enumerate() {
-                if route.matches(&record.topic) {
-                    routed = true;
-                    decoded.push(Decoded {
-                        record,
-                        pipeline: index,
-                        outcome: pipeline.decode(record),
-                    });
-                }
-            }
-            if !routed {
-                tally.unrouted += 1;
-            }
-        }
-        self.load_missing(&decoded, cache, store).await?;
+        let batch = self.decode(records.to_vec());
+        self.apply(batch, cache, store, tally, now_ms).await
+    }
+
+    /// Gates and applies a decoded batch in record order, loading missing states in bulk.
+    pub async fn apply<S: StateStore>(
+        &self,
+        batch: DecodedBatch,
+        cache: &mut StateCache,
+        store: &S,
+        tally: &mut Tally,
+        now_ms: i64,
+    ) -> Result<BatchOutcome, StoreError> {
+        tally.records_read += batch.records.len() as u64;
+        tally.unrouted += batch.unrouted;
+        self.load_missing(&batch, cache, store).await?;
 
         let mut outcome = BatchOutcome::default();
-        let mut dirty: HashMap<(usize, String), EntityState> = HashMap::new();
-        for item in decoded {
-            let pipeline = &self.pipelines[item.pipeline].1;
-            let counts = tally.pipeline(item.pipeline, pipeline.name());
-            let change = match item.outcome {
+        let mut dirty: HashSet<(usize, String)> = HashSet::new();
+        for (record_index, pipeline_index, decoded) in batch.items {
+            let record = &batch.records[record_index];
+            let pipeline = &self.pipelines[pipeline_index].1;
+            let counts = tally.pipeline(pipeline_index, pipeline.name());
+            let change = match decoded {
                 DecodeOutcome::Change(change) => change,
                 DecodeOutcome::Skip(reason) => {
                     counts.count_skip(reason.as_str());
@@ -110,13 +143,13 @@ impl<'p> BatchProcessor<'p> {
                     counts.count_dlq(failure.reason);
                     outcome
                         .outputs
-                        .push(pipeline.dead_letter(item.record, &failure, now_ms));
+                        .push(pipeline.dead_letter(record, &failure, now_ms));
                     continue;
                 }
             };
-            let states = &mut cache.per_pipeline[item.pipeline];
+            let states = &mut cache.per_pipeline[pipeline_index];
             let stored = states.get(change.key.as_str()).and_then(Option::as_ref);
-            match pipeline.apply(item.record, &change, stored, now_ms) {
+            match pipeline.apply(record, &change, stored, now_ms) {
                 Ok(applied) => {
                     counts.count_decision(applied.decision.as_str());
                     for event_type in &applied.event_types {
@@ -128,24 +161,27 @@ impl<'p> BatchProcessor<'p> {
                     outcome.outputs.extend(applied.outputs);
                     if let Some(state) = applied.next_state {
                         let entity = change.key.as_str().to_owned();
-                        states.insert(entity.clone(), Some(state.clone()));
-                        dirty.insert((item.pipeline, entity), state);
+                        states.insert(entity.clone(), Some(state));
+                        dirty.insert((pipeline_index, entity));
                     }
                 }
                 Err(failure) => {
                     counts.count_dlq(failure.reason);
                     outcome
                         .outputs
-                        .push(pipeline.dead_letter(item.record, &failure, now_ms));
+                        .push(pipeline.dead_letter(record, &failure, now_ms));
                 }
             }
         }
         outcome.writes = dirty
             .into_iter()
-            .map(|((pipeline, entity), state)| StateWrite {
-                pipeline: self.pipelines[pipeline].1.name().to_owned(),
-                entity,
-                state,
+            .filter_map(|(pipeline, entity)| {
+                let state = cache.per_pipeline[pipeline].get(&entity)?.clone()?;
+                Some(StateWrite {
+                    pipeline: self.pipelines[pipeline].1.name().to_owned(),
+                    entity,
+                    state,
+                })
             })
             .collect();
         Ok(outcome)
@@ -154,16 +190,16 @@ impl<'p> BatchProcessor<'p> {
     /// Loads, in one query per pipeline, the states of entities the cache does not hold.
     async fn load_missing<S: StateStore>(
         &self,
-        decoded: &[Decoded<'_>],
+        batch: &DecodedBatch,
         cache: &mut StateCache,
         store: &S,
     ) -> Result<(), StoreError> {
         let mut missing: Vec<HashSet<&str>> = vec![HashSet::new(); self.pipelines.len()];
-        for item in decoded {
-            if let DecodeOutcome::Change(change) = &item.outcome
-                && !cache.per_pipeline[item.pipeline].contains_key(change.key.as_str())
+        for (_, pipeline, decoded) in &batch.items {
+            if let DecodeOutcome::Change(change) = decoded
+                && !cache.per_pipeline[*pipeline].contains_key(change.key.as_str())
             {
-                missing[item.pipeline].insert(change.key.as_str());
+                missing[*pipeline].insert(change.key.as_str());
             }
         }
         for (index, entities) in missing.into_iter().enumerate() {

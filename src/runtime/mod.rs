@@ -9,6 +9,6 @@ mod batch;
 mod kcat;
 mod replay;
 
-pub use batch::{BatchProcessor, StateCache};
+pub use batch::{BatchOutcome, BatchProcessor, DecodedBatch, StateCache};
 pub use kcat::{KcatLineError, parse_kcat_line, write_output_line};
-pub use replay::{ReplayError, ReplayOptions, replay};
+pub use replay::{ReplayError, ReplayOptions, SharedPipelines, replay};

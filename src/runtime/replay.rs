@@ -1,11 +1,18 @@
 //! `cdcflow replay`: JSON Lines in, JSON Lines out, state in a store.
+//!
+//! Three stages overlap: a reader thread parses and decodes batch N+1 while the caller's task
+//! applies batch N and writes its outputs, while the store saves batch N-1 in the background.
+//! Per batch the order of effects stays: outputs flushed, then state saved.
 
 use std::io::{BufRead, Write};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
-use super::batch::{BatchProcessor, StateCache};
+use super::batch::{BatchProcessor, DecodedBatch, StateCache};
 use super::kcat::{parse_kcat_line, write_output_line};
 use crate::config::TopicRoute;
 use crate::engine::Pipeline;
@@ -28,58 +35,133 @@ pub enum ReplayError {
     Output(#[source] std::io::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("a background stage of the replay stopped unexpectedly")]
+    Stage,
 }
 
+/// What the reader stage hands over: a decoded batch and the input lines it had to skip.
+struct ReadBatch {
+    batch: DecodedBatch,
+    skipped_lines: Vec<String>,
+}
+
+/// The pipelines a replay runs, shared with its reader thread.
+pub type SharedPipelines = Arc<Vec<(TopicRoute, Pipeline)>>;
+
 /// Replays `input` through `pipelines`, writing produced records to `output` and reporting
-/// malformed input lines to `diagnostics`. Returns the run's counts.
+/// skipped input lines to `diagnostics`. Returns the run's counts.
 pub async fn replay<S: StateStore>(
-    pipelines: &[(TopicRoute, Pipeline)],
-    store: &S,
-    input: &mut impl BufRead,
+    pipelines: SharedPipelines,
+    store: Arc<S>,
+    input: Box<dyn BufRead + Send>,
     output: &mut impl Write,
     diagnostics: &mut impl Write,
     options: ReplayOptions,
 ) -> Result<Tally, ReplayError> {
-    let processor = BatchProcessor::new(pipelines);
+    let (sender, mut receiver) = mpsc::channel(2);
+    let reader = {
+        let pipelines = Arc::clone(&pipelines);
+        std::thread::Builder::new()
+            .name("cdcflow-replay-reader".into())
+            .spawn(move || read_and_decode(&pipelines, input, options.batch_size, &sender))
+            .map_err(ReplayError::Input)?
+    };
+    let processor = BatchProcessor::new(&pipelines);
     let mut cache = StateCache::new(pipelines.len(), options.cache_entries);
     let mut tally = Tally::default();
+    let mut pending_save: Option<JoinHandle<Result<(), StoreError>>> = None;
+    while let Some(read) = receiver.recv().await {
+        let ReadBatch {
+            batch,
+            skipped_lines,
+        } = read?;
+        tally.malformed_lines += skipped_lines.len() as u64;
+        for line in &skipped_lines {
+            writeln!(diagnostics, "{line}").map_err(ReplayError::Output)?;
+        }
+        if cache.over_capacity() {
+            // Clearing is safe only once every cached state is in the store.
+            finish(pending_save.take()).await?;
+            cache.clear();
+        }
+        let outcome = processor
+            .apply(batch, &mut cache, store.as_ref(), &mut tally, now_ms())
+            .await?;
+        for record in &outcome.outputs {
+            write_output_line(output, record).map_err(ReplayError::Output)?;
+        }
+        // Outputs are durable before the state that says they were emitted.
+        output.flush().map_err(ReplayError::Output)?;
+        finish(pending_save.take()).await?;
+        let store = Arc::clone(&store);
+        pending_save = Some(tokio::spawn(
+            async move { store.save(outcome.writes).await },
+        ));
+    }
+    finish(pending_save).await?;
+    reader.join().map_err(|_| ReplayError::Stage)??;
+    Ok(tally)
+}
+
+async fn finish(save: Option<JoinHandle<Result<(), StoreError>>>) -> Result<(), ReplayError> {
+    match save {
+        Some(handle) => Ok(handle.await.map_err(|_| ReplayError::Stage)??),
+        None => Ok(()),
+    }
+}
+
+/// The reader stage: lines to records to decoded batches. Returns when the input ends or the
+/// consumer hangs up.
+fn read_and_decode(
+    pipelines: &[(TopicRoute, Pipeline)],
+    mut input: Box<dyn BufRead + Send>,
+    batch_size: usize,
+    sender: &mpsc::Sender<Result<ReadBatch, ReplayError>>,
+) -> Result<(), ReplayError> {
+    let processor = BatchProcessor::new(pipelines);
     let mut line = Vec::new();
     let mut line_number = 0u64;
-    let mut batch = Vec::with_capacity(options.batch_size);
+    let mut records = Vec::with_capacity(batch_size);
+    let mut skipped_lines = Vec::new();
     loop {
         line.clear();
-        let read = input
-            .read_until(b'\n', &mut line)
-            .map_err(ReplayError::Input)?;
+        let read = match input.read_until(b'\n', &mut line) {
+            Ok(read) => read,
+            Err(error) => {
+                let _ = sender.blocking_send(Err(ReplayError::Input(error)));
+                return Ok(());
+            }
+        };
         if read > 0 {
             line_number += 1;
             let text = line.trim_ascii();
             if !text.is_empty() {
                 match parse_kcat_line(text, line_number) {
-                    Ok(record) => batch.push(record),
+                    Ok(record) => records.push(record),
                     Err(error) => {
-                        tally.malformed_lines += 1;
-                        writeln!(diagnostics, "input line {line_number}: skipped: {error}")
-                            .map_err(ReplayError::Output)?;
+                        skipped_lines.push(format!("input line {line_number}: skipped: {error}"))
                     }
                 }
             }
         }
-        if batch.len() >= options.batch_size || (read == 0 && !batch.is_empty()) {
-            let outcome = processor
-                .process(&batch, &mut cache, store, &mut tally, now_ms())
-                .await?;
-            for record in &outcome.outputs {
-                write_output_line(output, record).map_err(ReplayError::Output)?;
+        let at_end = read == 0;
+        if records.len() >= batch_size
+            || (at_end && (!records.is_empty() || !skipped_lines.is_empty()))
+        {
+            let batch = processor.decode(std::mem::replace(
+                &mut records,
+                Vec::with_capacity(batch_size),
+            ));
+            let read = ReadBatch {
+                batch,
+                skipped_lines: std::mem::take(&mut skipped_lines),
+            };
+            if sender.blocking_send(Ok(read)).is_err() {
+                return Ok(());
             }
-            // Outputs are durable before the state that says they were emitted.
-            output.flush().map_err(ReplayError::Output)?;
-            store.save(&outcome.writes).await?;
-            cache.trim();
-            batch.clear();
         }
-        if read == 0 {
-            return Ok(tally);
+        if at_end {
+            return Ok(());
         }
     }
 }

@@ -52,13 +52,10 @@ impl StateStore for MemoryStore {
             .collect())
     }
 
-    async fn save(&self, writes: &[StateWrite]) -> Result<(), StoreError> {
+    async fn save(&self, writes: Vec<StateWrite>) -> Result<(), StoreError> {
         let mut states = self.lock();
         for write in writes {
-            states.insert(
-                (write.pipeline.clone(), write.entity.clone()),
-                write.state.clone(),
-            );
+            states.insert((write.pipeline, write.entity), write.state);
         }
         Ok(())
     }

@@ -45,16 +45,16 @@ pub enum StoreError {
     },
 }
 
-/// Loads and saves entity states.
-#[allow(async_fn_in_trait)]
-pub trait StateStore {
+/// Loads and saves entity states. Futures are `Send` so that a save can run in the background
+/// while the next batch is processed.
+pub trait StateStore: Send + Sync + 'static {
     /// The stored states of `entities` of `pipeline`; absent entities are missing from the map.
-    async fn load(
+    fn load(
         &self,
         pipeline: &str,
         entities: &[&str],
-    ) -> Result<HashMap<String, EntityState>, StoreError>;
+    ) -> impl Future<Output = Result<HashMap<String, EntityState>, StoreError>> + Send;
 
     /// Writes a batch atomically: all rows or none. Later rows for the same entity win.
-    async fn save(&self, writes: &[StateWrite]) -> Result<(), StoreError>;
+    fn save(&self, writes: Vec<StateWrite>) -> impl Future<Output = Result<(), StoreError>> + Send;
 }

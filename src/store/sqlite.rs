@@ -136,7 +136,7 @@ impl StateStore for SqliteStore {
         Ok(states)
     }
 
-    async fn save(&self, writes: &[StateWrite]) -> Result<(), StoreError> {
+    async fn save(&self, writes: Vec<StateWrite>) -> Result<(), StoreError> {
         if writes.is_empty() {
             return Ok(());
         }
