@@ -137,6 +137,7 @@ async fn replay_command(
     let options = ReplayOptions {
         batch_size: config.replay.batch_size,
         cache_entries: config.state.cache_entries,
+        flush_records: config.state.flush_records,
     };
     let started = Instant::now();
     let tally = if in_memory {

@@ -116,6 +116,9 @@ impl Config {
         if self.limits.max_record_bytes == 0 {
             return Err(invalid("limits.max_record_bytes", "must be at least 1"));
         }
+        if self.state.flush_records == 0 {
+            return Err(invalid("state.flush_records", "must be at least 1"));
+        }
         if self.replay.batch_size == 0 {
             return Err(invalid("replay.batch_size", "must be at least 1"));
         }

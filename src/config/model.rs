@@ -40,6 +40,15 @@ pub struct StateConfig {
     /// Entity states kept in memory in front of the store. Default 100,000.
     #[serde(default = "default_cache_entries")]
     pub cache_entries: usize,
+    /// Records between state saves; an entity changed many times in a window is written
+    /// once. A crash repeats at most this window's outputs (with the same event ids).
+    /// Default 50,000.
+    #[serde(default = "default_flush_records")]
+    pub flush_records: usize,
+}
+
+fn default_flush_records() -> usize {
+    50_000
 }
 
 fn default_state_path() -> PathBuf {
@@ -55,6 +64,7 @@ impl Default for StateConfig {
         StateConfig {
             path: default_state_path(),
             cache_entries: default_cache_entries(),
+            flush_records: default_flush_records(),
         }
     }
 }

@@ -1,9 +1,11 @@
 //! `cdcflow replay`: JSON Lines in, JSON Lines out, state in a store.
 //!
 //! Three stages overlap: a reader thread parses and decodes batch N+1 while the caller's task
-//! applies batch N and writes its outputs, while the store saves batch N-1 in the background.
-//! Per batch the order of effects stays: outputs flushed, then state saved.
+//! applies batch N and writes its outputs, while the store saves earlier batches in the
+//! background. State is saved every `flush_records` records, each entity once per window; the
+//! order of effects stays: outputs flushed, then the state that says they were emitted.
 
+use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -17,13 +19,15 @@ use super::kcat::{parse_kcat_line, write_output_line};
 use crate::config::TopicRoute;
 use crate::engine::Pipeline;
 use crate::metrics::Tally;
-use crate::store::{StateStore, StoreError};
+use crate::store::{StateStore, StateWrite, StoreError};
 
 /// Replay settings.
 #[derive(Debug, Clone, Copy)]
 pub struct ReplayOptions {
     pub batch_size: usize,
     pub cache_entries: usize,
+    /// Records between state saves: writes of one entity within a window are coalesced.
+    pub flush_records: usize,
 }
 
 /// Why a replay stopped. Bad records and bad lines never stop it; only I/O and the store do.
@@ -70,6 +74,9 @@ pub async fn replay<S: StateStore>(
     let mut cache = StateCache::new(pipelines.len(), options.cache_entries);
     let mut tally = Tally::default();
     let mut pending_save: Option<JoinHandle<Result<(), StoreError>>> = None;
+    // States changed since the last save, one per entity: the latest wins.
+    let mut unsaved: HashMap<(String, String), StateWrite> = HashMap::new();
+    let mut unsaved_records = 0usize;
     while let Some(read) = receiver.recv().await {
         let ReadBatch {
             batch,
@@ -82,8 +89,11 @@ pub async fn replay<S: StateStore>(
         if cache.over_capacity() {
             // Clearing is safe only once every cached state is in the store.
             finish(pending_save.take()).await?;
+            finish(Some(spawn_save(&store, &mut unsaved))).await?;
+            unsaved_records = 0;
             cache.clear();
         }
+        unsaved_records += batch.len();
         let outcome = processor
             .apply(batch, &mut cache, store.as_ref(), &mut tally, now_ms())
             .await?;
@@ -92,15 +102,29 @@ pub async fn replay<S: StateStore>(
         }
         // Outputs are durable before the state that says they were emitted.
         output.flush().map_err(ReplayError::Output)?;
-        finish(pending_save.take()).await?;
-        let store = Arc::clone(&store);
-        pending_save = Some(tokio::spawn(
-            async move { store.save(outcome.writes).await },
-        ));
+        for write in outcome.writes {
+            unsaved.insert((write.pipeline.clone(), write.entity.clone()), write);
+        }
+        if unsaved_records >= options.flush_records {
+            finish(pending_save.take()).await?;
+            pending_save = Some(spawn_save(&store, &mut unsaved));
+            unsaved_records = 0;
+        }
     }
     finish(pending_save).await?;
+    finish(Some(spawn_save(&store, &mut unsaved))).await?;
     reader.join().map_err(|_| ReplayError::Stage)??;
     Ok(tally)
+}
+
+/// Saves the unsaved states in the background and starts a new window.
+fn spawn_save<S: StateStore>(
+    store: &Arc<S>,
+    unsaved: &mut HashMap<(String, String), StateWrite>,
+) -> JoinHandle<Result<(), StoreError>> {
+    let writes: Vec<StateWrite> = std::mem::take(unsaved).into_values().collect();
+    let store = Arc::clone(store);
+    tokio::spawn(async move { store.save(writes).await })
 }
 
 async fn finish(save: Option<JoinHandle<Result<(), StoreError>>>) -> Result<(), ReplayError> {
