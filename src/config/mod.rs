@@ -17,9 +17,23 @@ use crate::cdc::Decoder;
 use crate::engine::{CompiledRules, Pipeline, PipelineSettings, RuleCompileError};
 
 pub use model::{
-    Config, EventsConfig, FormatConfig, LimitsConfig, PayloadConfig, PipelineConfig, ReplayConfig,
-    RuleConfig, StateConfig, VersionBy, VersionConfig,
+    Config, DeliveryConfig, EventsConfig, FormatConfig, KafkaConfig, LimitsConfig, PayloadConfig,
+    PipelineConfig, ReplayConfig, RuleConfig, StateConfig, VersionBy, VersionConfig,
 };
+
+/// librdkafka properties cdcflow sets itself to keep its guarantees; a pass-through of one of
+/// them is a config error.
+pub const MANAGED_PROPERTIES: [&str; 9] = [
+    "bootstrap.servers",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "auto.offset.reset",
+    "isolation.level",
+    "partition.assignment.strategy",
+    "transactional.id",
+    "enable.idempotence",
+];
 
 /// Prefix of environment overrides; `__` separates key segments.
 pub const ENV_PREFIX: &str = "CDCFLOW__";
@@ -122,6 +136,7 @@ impl Config {
         if self.replay.batch_size == 0 {
             return Err(invalid("replay.batch_size", "must be at least 1"));
         }
+        self.validate_kafka()?;
         let mut names = HashSet::new();
         for (index, pipeline) in self.pipelines.iter().enumerate() {
             let at = |key: &str| format!("pipeline[{index}].{key}");
@@ -207,6 +222,38 @@ impl Config {
                 if rule.topic.trim().is_empty() {
                     return Err(invalid(rule_at("topic"), "must name the output topic"));
                 }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_kafka(&self) -> Result<(), ConfigError> {
+        let kafka = &self.kafka;
+        if kafka.batch_max_records == 0 {
+            return Err(invalid("kafka.batch_max_records", "must be at least 1"));
+        }
+        if kafka.topic_partitions < 1 || kafka.replication_factor < 1 {
+            return Err(invalid(
+                "kafka.topic_partitions",
+                "topic_partitions and replication_factor must be at least 1",
+            ));
+        }
+        if !is_identifier(&kafka.group_id) {
+            return Err(invalid(
+                "kafka.group_id",
+                "use letters, digits, `_`, `-` and `.`: it prefixes topic names",
+            ));
+        }
+        for (section, properties) in [("consumer", &kafka.consumer), ("producer", &kafka.producer)] {
+            if let Some(managed) = properties
+                .keys()
+                .find(|key| MANAGED_PROPERTIES.contains(&key.as_str()))
+            {
+                return Err(invalid(
+                    format!("kafka.{section}.\"{managed}\""),
+                    "cdcflow sets this property itself to keep its delivery guarantee; delete it \
+                     (bootstrap servers and group id are kafka.bootstrap_servers and kafka.group_id)",
+                ));
             }
         }
         Ok(())

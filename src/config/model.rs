@@ -25,6 +25,9 @@ pub struct Config {
     /// Settings of `cdcflow replay`.
     #[serde(default)]
     pub replay: ReplayConfig,
+    /// Settings of `cdcflow run` (the Kafka consumer-group service).
+    #[serde(default)]
+    pub kafka: KafkaConfig,
     /// The pipelines: one per source table (or group of topics).
     #[serde(rename = "pipeline", default)]
     pub pipelines: Vec<PipelineConfig>,
@@ -345,6 +348,160 @@ impl RuleConfig {
                         .collect(),
                 ),
             },
+        }
+    }
+}
+
+/// `[kafka]`: the consumer-group service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Brokers to bootstrap from. Default `127.0.0.1:9092`.
+    #[serde(default = "default_bootstrap_servers")]
+    pub bootstrap_servers: String,
+    /// Consumer group; also the prefix of changelog topics and transactional ids. Default
+    /// `cdcflow`.
+    #[serde(default = "default_group_id")]
+    pub group_id: String,
+    /// This instance's stable name (a StatefulSet pod name, say): its transactional id is
+    /// `<group_id>-<instance_id>`, so a restart fences its previous incarnation. Default: the
+    /// host name. Two instances on one host need distinct ids.
+    #[serde(default)]
+    pub instance_id: Option<String>,
+    /// `exactly_once` (default: Kafka transactions) or `at_least_once`.
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    /// Most records in one batch (one transaction). Default 2,000.
+    #[serde(default = "default_batch_max_records")]
+    pub batch_max_records: usize,
+    /// Longest a batch waits to fill, e.g. `"100ms"`. Default 100 ms.
+    #[serde(default = "default_batch_max_wait", with = "duration")]
+    pub batch_max_wait: std::time::Duration,
+    /// `transaction.timeout.ms`: keep it modest, an open transaction of a dead instance blocks
+    /// read_committed readers until it expires. Default 10 s.
+    #[serde(default = "default_transaction_timeout", with = "duration")]
+    pub transaction_timeout: std::time::Duration,
+    /// How long SIGTERM may take to finish the batch, commit and leave the group. Default 30 s.
+    #[serde(default = "default_shutdown_timeout", with = "duration")]
+    pub shutdown_timeout: std::time::Duration,
+    /// Partitions of output, DLQ and audit topics cdcflow creates. Default 1.
+    #[serde(default = "default_topic_partitions")]
+    pub topic_partitions: i32,
+    /// Replication factor of topics cdcflow creates (changelogs included). Default 1.
+    #[serde(default = "default_replication_factor")]
+    pub replication_factor: i32,
+    /// librdkafka consumer properties passed through (e.g. `"session.timeout.ms" = "10000"`).
+    #[serde(default)]
+    pub consumer: BTreeMap<String, String>,
+    /// librdkafka producer properties passed through (e.g. `"compression.type" = "zstd"`).
+    #[serde(default)]
+    pub producer: BTreeMap<String, String>,
+}
+
+fn default_bootstrap_servers() -> String {
+    "127.0.0.1:9092".to_owned()
+}
+fn default_group_id() -> String {
+    "cdcflow".to_owned()
+}
+fn default_batch_max_records() -> usize {
+    2_000
+}
+fn default_batch_max_wait() -> std::time::Duration {
+    std::time::Duration::from_millis(100)
+}
+fn default_transaction_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(10)
+}
+fn default_shutdown_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(30)
+}
+fn default_topic_partitions() -> i32 {
+    1
+}
+fn default_replication_factor() -> i32 {
+    1
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            bootstrap_servers: default_bootstrap_servers(),
+            group_id: default_group_id(),
+            instance_id: None,
+            delivery: DeliveryConfig::default(),
+            batch_max_records: default_batch_max_records(),
+            batch_max_wait: default_batch_max_wait(),
+            transaction_timeout: default_transaction_timeout(),
+            shutdown_timeout: default_shutdown_timeout(),
+            topic_partitions: default_topic_partitions(),
+            replication_factor: default_replication_factor(),
+            consumer: BTreeMap::new(),
+            producer: BTreeMap::new(),
+        }
+    }
+}
+
+/// Delivery guarantee of `cdcflow run`.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryConfig {
+    /// Outputs, changelog, DLQ records and consumed offsets commit in one Kafka transaction.
+    #[default]
+    ExactlyOnce,
+    /// Outputs durable, then state, then offsets: a crash can repeat an event (same id).
+    AtLeastOnce,
+}
+
+/// Durations written as `"250ms"`, `"10s"`, `"2m"` or a number of milliseconds.
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, de::Error};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Millis(u64),
+        Text(String),
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        match Written::deserialize(deserializer)? {
+            Written::Millis(millis) => Ok(Duration::from_millis(millis)),
+            Written::Text(text) => parse(&text).ok_or_else(|| {
+                D::Error::custom(format!(
+                    "`{text}` is not a duration: write a number with a unit, e.g. \"250ms\", \"10s\", \"2m\""
+                ))
+            }),
+        }
+    }
+
+    pub(crate) fn parse(text: &str) -> Option<Duration> {
+        let text = text.trim();
+        let split = text.find(|c: char| !c.is_ascii_digit())?;
+        let (number, unit) = text.split_at(split);
+        let number: u64 = number.parse().ok()?;
+        match unit.trim() {
+            "ms" => Some(Duration::from_millis(number)),
+            "s" => Some(Duration::from_secs(number)),
+            "m" => Some(Duration::from_secs(number.checked_mul(60)?)),
+            _ => None,
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// Durations take the units operators write.
+        #[test]
+        fn parses_units() {
+            assert_eq!(parse("250ms"), Some(Duration::from_millis(250)));
+            assert_eq!(parse("10s"), Some(Duration::from_secs(10)));
+            assert_eq!(parse("2m"), Some(Duration::from_secs(120)));
+            assert_eq!(parse("10"), None);
+            assert_eq!(parse("1h"), None);
         }
     }
 }
