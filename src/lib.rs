@@ -15,12 +15,15 @@
 //! - [`store`]: the per-entity state store (SQLite through sqlx, and in-memory for tests).
 //! - [`runtime`]: drivers that feed records through the core and persist its outcome
 //!   (`replay` from JSON Lines today).
+//! - [`kafka`]: `cdcflow run`, the consumer-group service with its exactly-once and
+//!   at-least-once commit protocols and the changelog that backs state.
 //! - [`config`]: the typed TOML configuration with validation and environment overrides.
 //! - [`metrics`]: every Prometheus metric family in one place.
 
 pub mod cdc;
 pub mod config;
 pub mod engine;
+pub mod kafka;
 pub mod metrics;
 pub mod runtime;
 pub mod store;

@@ -5,10 +5,12 @@ use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::Context as _;
 use cdcflow::config::Config;
+use cdcflow::kafka::{ServiceOptions, run_service};
 use cdcflow::metrics::Tally;
 use cdcflow::runtime::{ReplayOptions, SharedPipelines, replay};
 use cdcflow::store::{MemoryStore, SqliteStore, StateStore};
@@ -47,6 +49,17 @@ enum Command {
         #[arg(long)]
         in_memory: bool,
     },
+    /// Run the service: join the Kafka consumer group over the pipelines' topics, turn changes
+    /// into business events, and publish them with the configured delivery guarantee
+    /// (`[kafka] delivery`: exactly_once or at_least_once). State lives in the SQLite file of
+    /// `[state] path`, backed by a compacted changelog topic per pipeline; deleting the file
+    /// loses nothing. SIGTERM or Ctrl-C finishes the batch, commits, leaves the group and
+    /// exits 0.
+    Run {
+        /// The TOML config file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Validate a config and print the compiled pipelines; exits non-zero with the key and
     /// the fix when the config is invalid.
     Check {
@@ -76,6 +89,14 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Check { config } => check(&config),
+        Command::Run { config } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(run_command(config))
+        }
         Command::Replay {
             config,
             inputs,
@@ -123,6 +144,46 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
             println!("    payload: {:?}", rule.payload);
         }
     }
+    Ok(())
+}
+
+async fn run_command(config_path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&config_path)?;
+    let pipelines = Arc::new(config.build_pipelines()?);
+    let store = Arc::new(SqliteStore::open(&config.state.path).await?);
+    let shutdown = Arc::new(AtomicBool::new(false));
+    spawn_signal_handler(Arc::clone(&shutdown))?;
+    let options = ServiceOptions {
+        kafka: config.kafka.clone(),
+        cache_entries: config.state.cache_entries,
+        flush_records: config.state.flush_records,
+    };
+    let handle = tokio::runtime::Handle::current();
+    let service_store = Arc::clone(&store);
+    // librdkafka's transactional and commit calls block: the service owns a thread.
+    let result = tokio::task::spawn_blocking(move || {
+        run_service(options, pipelines, service_store, handle, shutdown)
+    })
+    .await
+    .context("the service thread panicked")?;
+    if let Ok(store) = Arc::try_unwrap(store) {
+        store.close().await;
+    }
+    Ok(result?)
+}
+
+/// SIGTERM and SIGINT ask the service to finish its batch and stop.
+fn spawn_signal_handler(shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM: finishing the batch, then stopping"),
+            _ = interrupt.recv() => tracing::info!("SIGINT: finishing the batch, then stopping"),
+        }
+        shutdown.store(true, Ordering::SeqCst);
+    });
     Ok(())
 }
 

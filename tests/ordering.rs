@@ -118,7 +118,9 @@ fn run(records: &[RawRecord], batch_size: usize, store: &MemoryStore) -> RunResu
             }
             assert_ne!(output.kind, OutputKind::DeadLetter, "no record here is bad");
         }
-        runtime.block_on(store.save(outcome.writes)).unwrap();
+        runtime
+            .block_on(store.save(outcome.writes, Vec::new()))
+            .unwrap();
         if cache.over_capacity() {
             cache.clear();
         }

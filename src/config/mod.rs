@@ -244,7 +244,8 @@ impl Config {
                 "use letters, digits, `_`, `-` and `.`: it prefixes topic names",
             ));
         }
-        for (section, properties) in [("consumer", &kafka.consumer), ("producer", &kafka.producer)] {
+        for (section, properties) in [("consumer", &kafka.consumer), ("producer", &kafka.producer)]
+        {
             if let Some(managed) = properties
                 .keys()
                 .find(|key| MANAGED_PROPERTIES.contains(&key.as_str()))

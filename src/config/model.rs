@@ -466,7 +466,9 @@ mod duration {
         Text(String),
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Duration, D::Error> {
         match Written::deserialize(deserializer)? {
             Written::Millis(millis) => Ok(Duration::from_millis(millis)),
             Written::Text(text) => parse(&text).ok_or_else(|| {

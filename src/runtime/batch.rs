@@ -128,7 +128,7 @@ impl<'p> BatchProcessor<'p> {
         self.load_missing(&batch, cache, store).await?;
 
         let mut outcome = BatchOutcome::default();
-        let mut dirty: HashSet<(usize, String)> = HashSet::new();
+        let mut dirty: HashMap<(usize, String), i32> = HashMap::new();
         for (record_index, pipeline_index, decoded) in batch.items {
             let record = &batch.records[record_index];
             let pipeline = &self.pipelines[pipeline_index].1;
@@ -162,7 +162,7 @@ impl<'p> BatchProcessor<'p> {
                     if let Some(state) = applied.next_state {
                         let entity = change.key.as_str().to_owned();
                         states.insert(entity.clone(), Some(state));
-                        dirty.insert((pipeline_index, entity));
+                        dirty.insert((pipeline_index, entity), record.partition);
                     }
                 }
                 Err(failure) => {
@@ -175,12 +175,13 @@ impl<'p> BatchProcessor<'p> {
         }
         outcome.writes = dirty
             .into_iter()
-            .filter_map(|(pipeline, entity)| {
+            .filter_map(|((pipeline, entity), partition)| {
                 let state = cache.per_pipeline[pipeline].get(&entity)?.clone()?;
                 Some(StateWrite {
                     pipeline: self.pipelines[pipeline].1.name().to_owned(),
                     entity,
                     state,
+                    partition,
                 })
             })
             .collect();

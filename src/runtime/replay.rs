@@ -124,7 +124,7 @@ fn spawn_save<S: StateStore>(
 ) -> JoinHandle<Result<(), StoreError>> {
     let writes: Vec<StateWrite> = std::mem::take(unsaved).into_values().collect();
     let store = Arc::clone(store);
-    tokio::spawn(async move { store.save(writes).await })
+    tokio::spawn(async move { store.save(writes, Vec::new()).await })
 }
 
 async fn finish(save: Option<JoinHandle<Result<(), StoreError>>>) -> Result<(), ReplayError> {

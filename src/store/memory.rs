@@ -3,13 +3,14 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use super::{StateStore, StateWrite, StoreError};
+use super::{Checkpoint, StateStore, StateWrite, StoreError};
 use crate::engine::EntityState;
 
 /// States in a map behind a mutex.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     states: Mutex<HashMap<(String, String), EntityState>>,
+    checkpoints: Mutex<HashMap<(String, i32), i64>>,
 }
 
 impl MemoryStore {
@@ -52,11 +53,31 @@ impl StateStore for MemoryStore {
             .collect())
     }
 
-    async fn save(&self, writes: Vec<StateWrite>) -> Result<(), StoreError> {
+    async fn save(
+        &self,
+        writes: Vec<StateWrite>,
+        checkpoints: Vec<Checkpoint>,
+    ) -> Result<(), StoreError> {
         let mut states = self.lock();
         for write in writes {
             states.insert((write.pipeline, write.entity), write.state);
         }
+        let mut stored = self
+            .checkpoints
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for checkpoint in checkpoints {
+            stored.insert((checkpoint.topic, checkpoint.partition), checkpoint.offset);
+        }
         Ok(())
+    }
+
+    async fn checkpoint(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .checkpoints
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(topic.to_owned(), partition))
+            .copied())
     }
 }

@@ -4,6 +4,7 @@
 //! in one transaction, after the batch's outputs are durable, so that a crash can repeat an
 //! output but never lose one. Implementations must never reorder writes within a batch.
 
+pub mod changelog;
 mod memory;
 mod sqlite;
 
@@ -22,6 +23,16 @@ pub struct StateWrite {
     pub pipeline: String,
     pub entity: String,
     pub state: EntityState,
+    /// The input partition the entity lives in (its changelog partition).
+    pub partition: i32,
+}
+
+/// The last changelog offset the store reflects, per changelog partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
 }
 
 /// Store failures. `Unavailable` is transient (retry); `Corrupt` is fatal.
@@ -55,6 +66,18 @@ pub trait StateStore: Send + Sync + 'static {
         entities: &[&str],
     ) -> impl Future<Output = Result<HashMap<String, EntityState>, StoreError>> + Send;
 
-    /// Writes a batch atomically: all rows or none. Later rows for the same entity win.
-    fn save(&self, writes: Vec<StateWrite>) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Writes states and changelog checkpoints atomically: all or none. Later rows for the
+    /// same entity win.
+    fn save(
+        &self,
+        writes: Vec<StateWrite>,
+        checkpoints: Vec<Checkpoint>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The checkpoint of one changelog partition, if any.
+    fn checkpoint(
+        &self,
+        topic: &str,
+        partition: i32,
+    ) -> impl Future<Output = Result<Option<i64>, StoreError>> + Send;
 }

@@ -12,7 +12,7 @@ use std::str::FromStr;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 
-use super::{StateStore, StateWrite, StoreError};
+use super::{Checkpoint, StateStore, StateWrite, StoreError};
 use crate::engine::{EntityState, Version};
 
 /// Five bound values per row keeps a statement far below SQLite's 32,766-variable limit.
@@ -25,6 +25,13 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS entity_state (
     image TEXT,
     updated_at_ms INTEGER NOT NULL,
     PRIMARY KEY (pipeline, entity)
+)";
+
+const CHECKPOINT_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS changelog_checkpoint (
+    topic TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    last_offset INTEGER NOT NULL,
+    PRIMARY KEY (topic, partition)
 )";
 
 /// An SQLite-backed [`StateStore`].
@@ -71,10 +78,12 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(open_error)?;
-        sqlx::query(SCHEMA)
-            .execute(&pool)
-            .await
-            .map_err(open_error)?;
+        for statement in [SCHEMA, CHECKPOINT_SCHEMA] {
+            sqlx::query(statement)
+                .execute(&pool)
+                .await
+                .map_err(open_error)?;
+        }
         Ok(SqliteStore { pool })
     }
 
@@ -136,8 +145,26 @@ impl StateStore for SqliteStore {
         Ok(states)
     }
 
-    async fn save(&self, writes: Vec<StateWrite>) -> Result<(), StoreError> {
-        if writes.is_empty() {
+    async fn checkpoint(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
+        let row = sqlx::query(
+            "SELECT last_offset FROM changelog_checkpoint WHERE topic = ? AND partition = ?",
+        )
+        .bind(topic.to_owned())
+        .bind(partition)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(StoreError::Unavailable)?;
+        row.map(|row| row.try_get(0))
+            .transpose()
+            .map_err(StoreError::Unavailable)
+    }
+
+    async fn save(
+        &self,
+        writes: Vec<StateWrite>,
+        checkpoints: Vec<Checkpoint>,
+    ) -> Result<(), StoreError> {
+        if writes.is_empty() && checkpoints.is_empty() {
             return Ok(());
         }
         let mut transaction = self.pool.begin().await.map_err(StoreError::Unavailable)?;
@@ -161,6 +188,20 @@ impl StateStore for SqliteStore {
                 .execute(&mut *transaction)
                 .await
                 .map_err(StoreError::Unavailable)?;
+        }
+        for checkpoint in checkpoints {
+            // The checkpoint only moves forward: a late, older save never rewinds it.
+            sqlx::query(
+                "INSERT INTO changelog_checkpoint (topic, partition, last_offset) VALUES (?, ?, ?) \
+                 ON CONFLICT (topic, partition) DO UPDATE SET \
+                 last_offset = MAX(last_offset, excluded.last_offset)",
+            )
+            .bind(checkpoint.topic)
+            .bind(checkpoint.partition)
+            .bind(checkpoint.offset)
+            .execute(&mut *transaction)
+            .await
+            .map_err(StoreError::Unavailable)?;
         }
         transaction.commit().await.map_err(StoreError::Unavailable)
     }

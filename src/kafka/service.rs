@@ -1,0 +1,762 @@
+//! The consume-process-produce loop of `cdcflow run`.
+//!
+//! Exactly-once, per batch: process (staging state in the cache), then one transaction holds
+//! the outputs, DLQ and audit records, the changelog records and the consumed offsets (sent
+//! with fresh group metadata). Only after the commit does the state count as applied: it goes
+//! to the unsaved set that the store writes behind, in large batches, with the changelog
+//! checkpoint. An abort discards the staged state and rewinds to the committed offsets.
+//!
+//! At-least-once, per batch: outputs are produced and delivered, then changelog records, then
+//! offsets are committed. A crash can repeat an output (same event id), never lose one.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header as KafkaHeader, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
+use rdkafka::util::Timeout;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use super::admin::{self, Topology};
+use super::restore::ChangelogRestorer;
+use super::{ServiceError, clients, kafka_error};
+use crate::cdc::{Header, RawRecord};
+use crate::config::{DeliveryConfig, KafkaConfig};
+use crate::engine::OutputRecord;
+use crate::metrics::Tally;
+use crate::runtime::{BatchProcessor, SharedPipelines, StateCache};
+use crate::store::{Checkpoint, StateStore, StateWrite, changelog};
+
+/// Settings of the service beyond the pipelines.
+#[derive(Debug, Clone)]
+pub struct ServiceOptions {
+    pub kafka: KafkaConfig,
+    pub cache_entries: usize,
+    pub flush_records: usize,
+}
+
+/// Consecutive aborted attempts at one batch before the service gives up: a batch that can
+/// never commit must stop the process loudly, not loop.
+const MAX_BATCH_ATTEMPTS: u32 = 5;
+
+/// What the rebalance callback tells the loop.
+#[derive(Debug)]
+enum AssignmentEvent {
+    Revoked(Vec<(String, i32)>),
+    Failed(String),
+}
+
+struct RebalanceContext<S> {
+    restorer: ChangelogRestorer<S>,
+    events: Mutex<Vec<AssignmentEvent>>,
+}
+
+impl<S> RebalanceContext<S> {
+    fn push(&self, event: AssignmentEvent) {
+        self.events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(event);
+    }
+
+    fn take(&self) -> Vec<AssignmentEvent> {
+        std::mem::take(&mut *self.events.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+impl<S: StateStore> ClientContext for RebalanceContext<S> {}
+
+impl<S: StateStore> ConsumerContext for RebalanceContext<S> {
+    /// Assign: restore the partitions' state from the changelog, then position each partition
+    /// at its committed offset explicitly (prefetched records of an earlier assignment must
+    /// not be handed out again). Revoke: tell the loop, which drops what it holds of them.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        error: RDKafkaRespErr,
+        partitions: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let list: Vec<(String, i32)> = partitions
+            .elements()
+            .iter()
+            .map(|element| (element.topic().to_owned(), element.partition()))
+            .collect();
+        match error {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                tracing::info!(partitions = ?list, "partitions assigned; restoring their state");
+                if let Err(failure) = self.restorer.restore(&list) {
+                    self.push(AssignmentEvent::Failed(failure.to_string()));
+                    return;
+                }
+                let positioned = committed_positions(consumer, partitions);
+                let result = if cooperative {
+                    consumer.incremental_assign(&positioned)
+                } else {
+                    consumer.assign(&positioned)
+                };
+                if let Err(failure) = result {
+                    self.push(AssignmentEvent::Failed(format!(
+                        "cannot assign {list:?}: {failure}"
+                    )));
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                tracing::info!(partitions = ?list, lost = consumer.assignment_lost(), "partitions revoked");
+                self.push(AssignmentEvent::Revoked(list));
+                let result = if cooperative {
+                    consumer.incremental_unassign(partitions)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(failure) = result {
+                    tracing::warn!(%failure, "unassign failed");
+                }
+            }
+            other => {
+                tracing::warn!(error = ?other, "rebalance error; dropping the assignment");
+                let _ = consumer.unassign();
+                self.push(AssignmentEvent::Revoked(list));
+            }
+        }
+    }
+}
+
+/// The partitions with their committed offsets (or the beginning for a new group).
+fn committed_positions<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    partitions: &TopicPartitionList,
+) -> TopicPartitionList {
+    let committed = match consumer.committed_offsets(partitions.clone(), Duration::from_secs(10)) {
+        Ok(committed) => committed,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read committed offsets; librdkafka will look them up");
+            return partitions.clone();
+        }
+    };
+    let mut positioned = TopicPartitionList::new();
+    for element in committed.elements() {
+        let offset = match element.offset() {
+            Offset::Offset(offset) if offset >= 0 => Offset::Offset(offset),
+            _ => Offset::Beginning,
+        };
+        // Adding to a fresh list cannot fail for a valid topic and partition.
+        let _ = positioned.add_partition_offset(element.topic(), element.partition(), offset);
+    }
+    positioned
+}
+
+/// A changelog partition and the offset a record was written at.
+type ChangelogOffset = ((String, i32), i64);
+
+/// How a failed batch is handled.
+enum BatchFailure {
+    /// Abort (if a transaction is open), rewind to the committed offsets, try again.
+    Retry(String),
+    Fatal(ServiceError),
+}
+
+fn classify(context: &str, error: KafkaError, transactional_id: &str) -> BatchFailure {
+    if let KafkaError::Transaction(rd_error) = &error {
+        if matches!(
+            rd_error.code(),
+            RDKafkaErrorCode::Fenced
+                | RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+        ) {
+            return BatchFailure::Fatal(ServiceError::Fenced(transactional_id.to_owned()));
+        }
+        if rd_error.is_fatal() {
+            return BatchFailure::Fatal(ServiceError::Kafka {
+                context: context.to_owned(),
+                source: error,
+            });
+        }
+        if rd_error.txn_requires_abort() || rd_error.is_retriable() {
+            return BatchFailure::Retry(format!("{context}: {error}"));
+        }
+        // librdkafka's rule: an unclassified transactional error is fatal.
+        return BatchFailure::Fatal(ServiceError::Kafka {
+            context: context.to_owned(),
+            source: error,
+        });
+    }
+    match error {
+        // rust-rdkafka's commit_transaction flushes first and reports a flush timeout as a
+        // flush error, not a transaction error.
+        KafkaError::Flush(_) | KafkaError::MessageProduction(_) | KafkaError::ConsumerCommit(_) => {
+            BatchFailure::Retry(format!("{context}: {error}"))
+        }
+        other => BatchFailure::Fatal(ServiceError::Kafka {
+            context: context.to_owned(),
+            source: other,
+        }),
+    }
+}
+
+/// Runs the service until `shutdown` is set; returns after the last batch is committed and the
+/// group is left.
+pub fn run_service<S: StateStore>(
+    options: ServiceOptions,
+    pipelines: SharedPipelines,
+    store: Arc<S>,
+    runtime: tokio::runtime::Handle,
+    shutdown: Arc<AtomicBool>,
+) -> Result<(), ServiceError> {
+    let kafka = &options.kafka;
+    let Some(topology) = admin::prepare(kafka, &pipelines, &runtime, &shutdown)? else {
+        return Ok(());
+    };
+    let instance = kafka.instance_id.clone().unwrap_or_else(host_name);
+    let transactional_id = format!("{}-{}", kafka.group_id, instance);
+    let exactly_once = kafka.delivery == DeliveryConfig::ExactlyOnce;
+
+    let producer: FutureProducer = clients::producer(kafka, &transactional_id)
+        .create()
+        .map_err(kafka_error("cannot create the Kafka producer"))?;
+    if exactly_once {
+        // Fences this instance's previous incarnation and aborts its open transaction, before
+        // any state is restored.
+        init_transactions(&producer, kafka, &transactional_id, &shutdown)?;
+    }
+    let restorer = ChangelogRestorer::new(
+        kafka,
+        &pipelines,
+        &topology.changelogs,
+        Arc::clone(&store),
+        runtime.clone(),
+    );
+    let context = RebalanceContext {
+        restorer,
+        events: Mutex::new(Vec::new()),
+    };
+    let consumer: BaseConsumer<RebalanceContext<S>> = clients::group_consumer(kafka)
+        .create_with_context(context)
+        .map_err(kafka_error("cannot create the Kafka consumer"))?;
+    let inputs: Vec<&str> = topology.inputs.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&inputs)
+        .map_err(kafka_error(format!("cannot subscribe to {inputs:?}")))?;
+    tracing::info!(
+        group = %kafka.group_id,
+        %transactional_id,
+        delivery = ?kafka.delivery,
+        inputs = ?topology.inputs,
+        "cdcflow run started"
+    );
+
+    let mut worker = Worker {
+        options: &options,
+        pipelines: &pipelines,
+        topology: &topology,
+        store: &store,
+        runtime: &runtime,
+        producer: &producer,
+        consumer: &consumer,
+        transactional_id: &transactional_id,
+        cache: StateCache::new(pipelines.len(), options.cache_entries),
+        unsaved: HashMap::new(),
+        checkpoints: HashMap::new(),
+        unsaved_records: 0,
+        tally: Tally::default(),
+        last_report: Instant::now(),
+    };
+    let result = worker.run(&shutdown);
+    let flushed = worker.flush_store();
+    let tally = std::mem::take(&mut worker.tally);
+    drop(worker);
+    leave_group(consumer, kafka.shutdown_timeout);
+    // Nothing is in flight: every batch committed or aborted before the loop returned.
+    let _ = producer.flush(Duration::from_secs(5));
+    tracing::info!(
+        records = tally.records_read,
+        events = tally.events_total(),
+        dlq = tally.dlq_total(),
+        "cdcflow run stopped"
+    );
+    result.and(flushed)
+}
+
+fn init_transactions(
+    producer: &FutureProducer,
+    kafka: &KafkaConfig,
+    transactional_id: &str,
+    shutdown: &AtomicBool,
+) -> Result<(), ServiceError> {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match producer.init_transactions(kafka.transaction_timeout * 2) {
+            Ok(()) => return Ok(()),
+            Err(KafkaError::Transaction(error))
+                if error.is_retriable() && !shutdown.load(Ordering::SeqCst) =>
+            {
+                tracing::warn!(%transactional_id, %error, retry_in = ?backoff, "init_transactions failed; retrying");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            Err(error) => {
+                return Err(ServiceError::Kafka {
+                    context: format!("cannot initialise transactions for `{transactional_id}`"),
+                    source: error,
+                });
+            }
+        }
+    }
+}
+
+/// Leaves the group: dropping the consumer closes it (revoking its partitions), which can
+/// hang on an unreachable broker (rust-rdkafka 509), so it runs on a bounded thread.
+fn leave_group<C: ConsumerContext + 'static>(consumer: BaseConsumer<C>, timeout: Duration) {
+    let (done, finished) = std::sync::mpsc::channel();
+    let closer = std::thread::spawn(move || {
+        consumer.unsubscribe();
+        drop(consumer);
+        let _ = done.send(());
+    });
+    if finished.recv_timeout(timeout).is_err() {
+        tracing::warn!(
+            ?timeout,
+            "leaving the consumer group did not finish in time; exiting anyway"
+        );
+    } else {
+        let _ = closer.join();
+    }
+}
+
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "cdcflow".to_owned())
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
+        })
+}
+
+struct Worker<'a, S: StateStore> {
+    options: &'a ServiceOptions,
+    pipelines: &'a SharedPipelines,
+    topology: &'a Topology,
+    store: &'a Arc<S>,
+    runtime: &'a tokio::runtime::Handle,
+    producer: &'a FutureProducer,
+    consumer: &'a BaseConsumer<RebalanceContext<S>>,
+    transactional_id: &'a str,
+    cache: StateCache,
+    /// Committed states not yet in the store, one per entity.
+    unsaved: HashMap<(String, String), StateWrite>,
+    /// The last committed changelog offset per changelog partition.
+    checkpoints: HashMap<(String, i32), i64>,
+    unsaved_records: usize,
+    tally: Tally,
+    last_report: Instant,
+}
+
+impl<S: StateStore> Worker<'_, S> {
+    fn run(&mut self, shutdown: &AtomicBool) -> Result<(), ServiceError> {
+        let mut attempts = 0u32;
+        while !shutdown.load(Ordering::SeqCst) {
+            let records = self.collect_batch(shutdown)?;
+            if records.is_empty() {
+                continue;
+            }
+            match self.process_batch(&records) {
+                Ok(()) => attempts = 0,
+                Err(BatchFailure::Fatal(error)) => return Err(error),
+                Err(BatchFailure::Retry(reason)) => {
+                    attempts += 1;
+                    if attempts >= MAX_BATCH_ATTEMPTS {
+                        return Err(ServiceError::Topology(format!(
+                            "a batch failed {attempts} times in a row, last: {reason}; stopping \
+                             rather than retrying forever (check broker limits such as \
+                             message.max.bytes, and the broker's health)"
+                        )));
+                    }
+                    tracing::warn!(%reason, attempt = attempts, "batch aborted; rewinding to the committed offsets");
+                    self.rewind()?;
+                    std::thread::sleep(Duration::from_millis(200 * u64::from(attempts)));
+                }
+            }
+            if self.last_report.elapsed() > Duration::from_secs(10) {
+                self.last_report = Instant::now();
+                tracing::info!(
+                    records = self.tally.records_read,
+                    applied = self.tally.decisions("applied"),
+                    duplicate = self.tally.decisions("duplicate"),
+                    stale = self.tally.decisions("stale"),
+                    events = self.tally.events_total(),
+                    dlq = self.tally.dlq_total(),
+                    "progress"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Polls until the batch is full, its time is up, or shutdown is asked for; applies
+    /// rebalance events as they come.
+    fn collect_batch(&mut self, shutdown: &AtomicBool) -> Result<Vec<RawRecord>, ServiceError> {
+        let kafka = &self.options.kafka;
+        let deadline = Instant::now() + kafka.batch_max_wait;
+        let mut records = Vec::new();
+        while records.len() < kafka.batch_max_records && !shutdown.load(Ordering::SeqCst) {
+            let now = Instant::now();
+            if now >= deadline && !records.is_empty() {
+                break;
+            }
+            let wait = deadline
+                .saturating_duration_since(now)
+                .clamp(Duration::from_millis(1), Duration::from_millis(100));
+            match self.consumer.poll(wait) {
+                Some(Ok(message)) => records.push(raw_record(&message)),
+                Some(Err(error)) => tracing::warn!(%error, "consumer error; continuing"),
+                None => {}
+            }
+            for event in self.consumer.context().take() {
+                match event {
+                    AssignmentEvent::Failed(reason) => return Err(ServiceError::Topology(reason)),
+                    AssignmentEvent::Revoked(partitions) => {
+                        records.retain(|record: &RawRecord| {
+                            !partitions.iter().any(|(topic, partition)| {
+                                *topic == record.topic && *partition == record.partition
+                            })
+                        });
+                        // What was committed for those partitions goes to the store now, so a
+                        // later reassignment restores on top of it; cached state of partitions
+                        // another instance may now change is dropped.
+                        self.flush_store()?;
+                        self.cache.clear();
+                    }
+                }
+            }
+            if now >= deadline && records.is_empty() {
+                break;
+            }
+        }
+        Ok(records)
+    }
+
+    fn process_batch(&mut self, records: &[RawRecord]) -> Result<(), BatchFailure> {
+        let processor = BatchProcessor::new(self.pipelines);
+        let mut tally = Tally::default();
+        let outcome = self
+            .runtime
+            .block_on(processor.process(
+                records,
+                &mut self.cache,
+                self.store.as_ref(),
+                &mut tally,
+                now_ms(),
+            ))
+            .map_err(|error| BatchFailure::Retry(format!("state store: {error}")))?;
+        let offsets = next_offsets(records);
+        let changelog_records: Vec<(usize, &StateWrite)> = outcome
+            .writes
+            .iter()
+            .filter_map(|write| {
+                let index = self
+                    .pipelines
+                    .iter()
+                    .position(|(_, p)| p.name() == write.pipeline)?;
+                Some((index, write))
+            })
+            .collect();
+        let delivered = if self.options.kafka.delivery == DeliveryConfig::ExactlyOnce {
+            self.commit_transactionally(&outcome.outputs, &changelog_records, &offsets)
+        } else {
+            self.commit_at_least_once(&outcome.outputs, &changelog_records, &offsets)
+        };
+        let changelog_offsets = match delivered {
+            Ok(offsets) => offsets,
+            Err(failure) => {
+                // Staged state of the failed batch must not be seen by the next attempt.
+                self.cache.clear();
+                return Err(failure);
+            }
+        };
+        for ((topic, partition), offset) in changelog_offsets {
+            let slot = self.checkpoints.entry((topic, partition)).or_insert(offset);
+            *slot = (*slot).max(offset);
+        }
+        for write in outcome.writes {
+            self.unsaved
+                .insert((write.pipeline.clone(), write.entity.clone()), write);
+        }
+        self.unsaved_records += records.len();
+        merge_tally(&mut self.tally, tally);
+        if self.unsaved_records >= self.options.flush_records || self.cache.over_capacity() {
+            self.flush_store().map_err(BatchFailure::Fatal)?;
+            if self.cache.over_capacity() {
+                self.cache.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// One transaction: outputs, changelog records, consumed offsets. Returns the changelog
+    /// offsets written.
+    fn commit_transactionally(
+        &self,
+        outputs: &[OutputRecord],
+        changelog_records: &[(usize, &StateWrite)],
+        offsets: &TopicPartitionList,
+    ) -> Result<Vec<ChangelogOffset>, BatchFailure> {
+        let id = self.transactional_id;
+        self.producer
+            .begin_transaction()
+            .map_err(|error| classify("begin_transaction", error, id))?;
+        let sent = self
+            .send_all(outputs, changelog_records)
+            .and_then(|changelog_futures| {
+                let metadata = self.consumer.group_metadata().ok_or_else(|| {
+                    BatchFailure::Fatal(ServiceError::Topology(
+                        "the consumer has no group metadata".to_owned(),
+                    ))
+                })?;
+                self.producer
+                    .send_offsets_to_transaction(
+                        offsets,
+                        &metadata,
+                        self.options.kafka.transaction_timeout,
+                    )
+                    .map_err(|error| classify("send_offsets_to_transaction", error, id))?;
+                self.producer
+                    .commit_transaction(Timeout::Never)
+                    .map_err(|error| classify("commit_transaction", error, id))?;
+                Ok(changelog_futures)
+            });
+        match sent {
+            Ok(futures) => self.await_changelog(futures),
+            Err(BatchFailure::Retry(reason)) => {
+                self.producer
+                    .abort_transaction(Timeout::Never)
+                    .map_err(|error| match classify("abort_transaction", error, id) {
+                        BatchFailure::Fatal(fatal) => BatchFailure::Fatal(fatal),
+                        BatchFailure::Retry(again) => BatchFailure::Fatal(ServiceError::Topology(
+                            format!("abort_transaction failed: {again}"),
+                        )),
+                    })?;
+                Err(BatchFailure::Retry(reason))
+            }
+            Err(fatal) => Err(fatal),
+        }
+    }
+
+    /// Outputs delivered, then changelog records delivered, then offsets committed.
+    fn commit_at_least_once(
+        &self,
+        outputs: &[OutputRecord],
+        changelog_records: &[(usize, &StateWrite)],
+        offsets: &TopicPartitionList,
+    ) -> Result<Vec<ChangelogOffset>, BatchFailure> {
+        let output_futures = self.send_all(outputs, &[])?;
+        self.await_changelog(output_futures)?;
+        let changelog_futures = self.send_all(&[], changelog_records)?;
+        let changelog_offsets = self.await_changelog(changelog_futures)?;
+        self.consumer
+            .commit(offsets, CommitMode::Sync)
+            .map_err(|error| classify("commit offsets", error, self.transactional_id))?;
+        Ok(changelog_offsets)
+    }
+
+    /// Sends outputs and changelog records; returns the delivery futures of what was sent
+    /// (outputs too in at-least-once mode, where each must be awaited).
+    fn send_all(
+        &self,
+        outputs: &[OutputRecord],
+        changelog_records: &[(usize, &StateWrite)],
+    ) -> Result<Vec<(String, i32, rdkafka::producer::DeliveryFuture)>, BatchFailure> {
+        let mut futures = Vec::with_capacity(outputs.len() + changelog_records.len());
+        for output in outputs {
+            let mut headers = OwnedHeaders::new_with_capacity(output.headers.len());
+            for (name, value) in &output.headers {
+                headers = headers.insert(KafkaHeader {
+                    key: name,
+                    value: Some(value),
+                });
+            }
+            let mut record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&output.topic).headers(headers);
+            if let Some(key) = &output.key {
+                record = record.key(key);
+            }
+            if let Some(value) = &output.value {
+                record = record.payload(value);
+            }
+            futures.push((output.topic.clone(), -1, self.send(record)?));
+        }
+        for (pipeline, write) in changelog_records {
+            let topic = &self.topology.changelogs[*pipeline];
+            let value = changelog::encode(&write.state);
+            let record = FutureRecord::to(topic)
+                .partition(write.partition)
+                .key(write.entity.as_bytes())
+                .payload(&value[..]);
+            futures.push((topic.clone(), write.partition, self.send(record)?));
+        }
+        Ok(futures)
+    }
+
+    fn send(
+        &self,
+        mut record: FutureRecord<'_, [u8], [u8]>,
+    ) -> Result<rdkafka::producer::DeliveryFuture, BatchFailure> {
+        // A full producer queue is back-pressure: wait for deliveries, bounded.
+        let deadline = Instant::now() + self.options.kafka.transaction_timeout;
+        loop {
+            match self.producer.send_result(record) {
+                Ok(future) => return Ok(future),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned))
+                    if Instant::now() < deadline =>
+                {
+                    record = returned;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((error, _)) => return Err(classify("produce", error, self.transactional_id)),
+            }
+        }
+    }
+
+    /// Waits for deliveries; returns the changelog offsets (entries with a partition).
+    fn await_changelog(
+        &self,
+        futures: Vec<(String, i32, rdkafka::producer::DeliveryFuture)>,
+    ) -> Result<Vec<ChangelogOffset>, BatchFailure> {
+        let mut offsets = Vec::new();
+        for (topic, partition, future) in futures {
+            match self.runtime.block_on(future) {
+                Ok(Ok(delivery)) => {
+                    if partition >= 0 {
+                        offsets.push(((topic, delivery.partition), delivery.offset));
+                    }
+                }
+                Ok(Err((error, _))) => {
+                    return Err(BatchFailure::Retry(format!(
+                        "delivery to `{topic}` failed: {error}"
+                    )));
+                }
+                Err(_) => {
+                    return Err(BatchFailure::Retry(format!(
+                        "delivery to `{topic}` was cancelled"
+                    )));
+                }
+            }
+        }
+        Ok(offsets)
+    }
+
+    /// Positions every assigned partition at its committed offset.
+    fn rewind(&mut self) -> Result<(), ServiceError> {
+        self.cache.clear();
+        let assignment = self
+            .consumer
+            .assignment()
+            .map_err(kafka_error("cannot read the assignment"))?;
+        if assignment.count() == 0 {
+            return Ok(());
+        }
+        let positioned = committed_positions(self.consumer, &assignment);
+        if let Err(error) = self
+            .consumer
+            .seek_partitions(positioned, Duration::from_secs(10))
+        {
+            tracing::warn!(%error, "rewind seek failed; the version gate absorbs any repeat");
+        }
+        Ok(())
+    }
+
+    /// Writes committed states and changelog checkpoints to the store.
+    fn flush_store(&mut self) -> Result<(), ServiceError> {
+        if self.unsaved.is_empty() && self.checkpoints.is_empty() {
+            return Ok(());
+        }
+        let writes: Vec<StateWrite> = std::mem::take(&mut self.unsaved).into_values().collect();
+        let checkpoints = std::mem::take(&mut self.checkpoints)
+            .into_iter()
+            .map(|((topic, partition), offset)| Checkpoint {
+                topic,
+                partition,
+                offset,
+            })
+            .collect();
+        self.unsaved_records = 0;
+        self.runtime
+            .block_on(self.store.save(writes, checkpoints))?;
+        Ok(())
+    }
+}
+
+/// The offset after the last record of each partition in the batch.
+fn next_offsets(records: &[RawRecord]) -> TopicPartitionList {
+    let mut next: HashMap<(&str, i32), i64> = HashMap::new();
+    for record in records {
+        let slot = next
+            .entry((&record.topic, record.partition))
+            .or_insert(record.offset + 1);
+        *slot = (*slot).max(record.offset + 1);
+    }
+    let mut list = TopicPartitionList::new();
+    for ((topic, partition), offset) in next {
+        let _ = list.add_partition_offset(topic, partition, Offset::Offset(offset));
+    }
+    list
+}
+
+fn raw_record<M: Message>(message: &M) -> RawRecord {
+    RawRecord {
+        topic: message.topic().to_owned(),
+        partition: message.partition(),
+        offset: message.offset(),
+        key: message.key().map(<[u8]>::to_vec),
+        value: message.payload().map(<[u8]>::to_vec),
+        headers: message
+            .headers()
+            .map(|headers| {
+                headers
+                    .iter()
+                    .map(|header| Header {
+                        name: header.key.to_owned(),
+                        value: header.value.map(<[u8]>::to_vec),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        timestamp_ms: message.timestamp().to_millis(),
+    }
+}
+
+fn merge_tally(total: &mut Tally, batch: Tally) {
+    total.records_read += batch.records_read;
+    total.unrouted += batch.unrouted;
+    for (index, counts) in batch.pipelines.into_iter().enumerate() {
+        let target = total.pipeline(index, &counts.name);
+        for (key, value) in counts.decisions {
+            *target.decisions.entry(key).or_default() += value;
+        }
+        for (key, value) in counts.skipped {
+            *target.skipped.entry(key).or_default() += value;
+        }
+        for (key, value) in counts.events {
+            *target.events.entry(key).or_default() += value;
+        }
+        for (key, value) in counts.dlq {
+            *target.dlq.entry(key).or_default() += value;
+        }
+        target.audit_records += counts.audit_records;
+    }
+}
