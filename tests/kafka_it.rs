@@ -13,7 +13,8 @@ use std::time::Duration;
 use kafka_support::*;
 use serde_json::{Value, json};
 
-type Record = (String, Option<Vec<u8>>, Option<Vec<u8>>);
+/// A bad record: the DLQ reason it must get, its key and its value.
+type BadRecord<'a> = (&'a str, Option<Vec<u8>>, Option<Vec<u8>>);
 
 /// Fresh topics, group, config file and state file for one test.
 struct Scenario {
@@ -58,24 +59,6 @@ impl Scenario {
 
     fn start(&self, log: &str) -> Service {
         Service::start(&self.config, &self.dir.path().join(log))
-    }
-
-    /// A config for a second instance of the same group (its own instance id and state).
-    fn instance_config(&self, instance: &str) -> PathBuf {
-        let text = std::fs::read_to_string(&self.config).unwrap();
-        let state = self.dir.path().join(format!("state-{instance}.db"));
-        let text = text
-            .replace(
-                "instance_id = \"a\"",
-                &format!("instance_id = \"{instance}\""),
-            )
-            .replace(
-                &self.state.display().to_string(),
-                &state.display().to_string(),
-            );
-        let path = self.dir.path().join(format!("cdcflow-{instance}.toml"));
-        std::fs::write(&path, text).unwrap();
-        path
     }
 }
 
@@ -272,7 +255,7 @@ fn bad_records_go_to_the_dlq_and_processing_goes_on() {
         .as_object_mut()
         .unwrap()
         .retain(|name, _| name == "connector");
-    let bad: Vec<(&str, Option<Vec<u8>>, Option<Vec<u8>>)> = vec![
+    let bad: Vec<BadRecord<'_>> = vec![
         ("malformed_json", key(1), Some(b"{\"op\": c}".to_vec())),
         ("not_utf8", key(2), Some(b"{\"op\":\"c\xff\"}".to_vec())),
         (

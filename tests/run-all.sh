@@ -11,6 +11,8 @@ command -v cc >/dev/null 2>&1 || need_packages+=(build-essential)
 command -v make >/dev/null 2>&1 || need_packages+=(make)
 command -v pkg-config >/dev/null 2>&1 || need_packages+=(pkg-config)
 command -v perl >/dev/null 2>&1 || need_packages+=(perl)
+command -v java >/dev/null 2>&1 || need_packages+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null 2>&1 || need_packages+=(maven)
 if ((${#need_packages[@]})); then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
         log "installing ${need_packages[*]}"
@@ -40,12 +42,25 @@ cargo fmt --all -- --check
 
 # --release everywhere: the tests, the benches and the binary share one build of librdkafka.
 log "cargo clippy --all-targets -- -D warnings"
-cargo clippy --release --all-targets -- -D warnings
+cargo clippy --release --all-targets --features kafka-it -- -D warnings
 
-log "cargo test"
-cargo test --release
+# A real single-node Kafka for the integration tests, on its own port and state directory so
+# that it never meets a developer's broker; stopped again when this script ends.
+export CDCFLOW_KAFKA_PORT="${CDCFLOW_TEST_KAFKA_PORT:-19292}"
+export CDCFLOW_KAFKA_CONTROLLER_PORT="${CDCFLOW_TEST_KAFKA_CONTROLLER_PORT:-19293}"
+export CDCFLOW_KAFKA_DIR="${CDCFLOW_TEST_KAFKA_DIR:-$HOME/.cache/cdcflow/kafka-test}"
+log "starting the local Kafka broker (deploy/local/kafka.sh)"
+deploy/local/kafka.sh reset >/dev/null
+trap 'deploy/local/kafka.sh stop >/dev/null 2>&1 || true' EXIT
+CDCFLOW_KAFKA_BOOTSTRAP="$(deploy/local/kafka.sh start)"
+export CDCFLOW_KAFKA_BOOTSTRAP
+
+# One test at a time: the Kafka tests start cdcflow processes and a JVM per read-back, and
+# this machine has two cores.
+log "cargo test (with the Kafka integration tests against $CDCFLOW_KAFKA_BOOTSTRAP)"
+cargo test --release --features kafka-it -- --test-threads=1
 
 log "benchmarks build"
-cargo bench --no-run
+cargo bench --no-run --features kafka-it
 
 log "all tests passed"

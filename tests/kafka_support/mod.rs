@@ -15,6 +15,9 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
 
+/// An input record: topic, key, value.
+pub type Record = (String, Option<Vec<u8>>, Option<Vec<u8>>);
+
 pub fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -70,7 +73,7 @@ pub fn create_topics(topics: &[(&str, i32)]) {
 
 /// Produces records (topic, key, value) in order; the default partitioner keeps one key on
 /// one partition.
-pub fn produce(records: &[(String, Option<Vec<u8>>, Option<Vec<u8>>)]) {
+pub fn produce(records: &[Record]) {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap())
         .set("enable.idempotence", "true")
@@ -104,10 +107,7 @@ pub fn produce(records: &[(String, Option<Vec<u8>>, Option<Vec<u8>>)]) {
 }
 
 /// Reads the kcat JSON Lines of an example input: (topic, key, value) per line.
-pub fn kcat_records(
-    path: &Path,
-    topic_prefix: &str,
-) -> Vec<(String, Option<Vec<u8>>, Option<Vec<u8>>)> {
+pub fn kcat_records(path: &Path, topic_prefix: &str) -> Vec<Record> {
     std::fs::read_to_string(path)
         .unwrap()
         .lines()
@@ -341,10 +341,7 @@ fn wait_for_marker(topic: &str, marker: &str, timeout: Duration) -> bool {
 
 /// Expected events of an input, computed by `cdcflow replay` (in memory) on the same records:
 /// ids are deterministic, so the replay is the oracle. Returns (key, id, type) in order.
-pub fn expected_events(
-    config: &Path,
-    records: &[(String, Option<Vec<u8>>, Option<Vec<u8>>)],
-) -> Vec<(String, String, String)> {
+pub fn expected_events(config: &Path, records: &[Record]) -> Vec<(String, String, String)> {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("input.jsonl");
     let mut lines = String::new();
