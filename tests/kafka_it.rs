@@ -60,6 +60,18 @@ impl Scenario {
     fn start(&self, log: &str) -> Service {
         Service::start(&self.config, &self.dir.path().join(log))
     }
+
+    /// A config for another instance of the same group: its own instance id and state file.
+    fn instance_config(&self, instance: &str) -> PathBuf {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let state = self.dir.path().join(format!("state-{instance}.db"));
+        let text = text
+            .replace("instance_id = \"a\"", &format!("instance_id = \"{instance}\""))
+            .replace(&self.state.display().to_string(), &state.display().to_string());
+        let path = self.dir.path().join(format!("cdcflow-{instance}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
 }
 
 fn order_topics(scenario: &Scenario) -> (String, String) {
@@ -459,4 +471,62 @@ fn crash_test_exactly_once_under_kill_9() {
         committed.len()
     );
     assert_no_hanging_transaction(&topic);
+}
+
+/// Three instances in one group over a 12-partition input: one is killed mid-stream, later
+/// another joins. No event is lost or duplicated, and transitions of entities whose partitions
+/// moved carry the right "from" status (state moved with the partition).
+#[test]
+fn scale_out_and_failover_move_state_with_partitions() {
+    let scenario = Scenario::new("scale", "exactly_once", 12);
+    let topic = scenario.topic("shop.public.orders");
+    let records = generated_orders(&topic, 600, 24_000);
+    let expected = expected_events(&scenario.config, &records);
+    let (first, rest) = records.split_at(8_000);
+    produce(first);
+    let a = scenario.start("a.log");
+    let b = Service::start(&scenario.instance_config("b"), &scenario.dir.path().join("b.log"));
+    let c = Service::start(&scenario.instance_config("c"), &scenario.dir.path().join("c.log"));
+    std::thread::sleep(Duration::from_secs(8));
+    produce(&rest[..8_000]);
+    std::thread::sleep(Duration::from_secs(2));
+    b.kill();
+    produce(&rest[8_000..]);
+    std::thread::sleep(Duration::from_secs(6));
+    let d = Service::start(&scenario.instance_config("d"), &scenario.dir.path().join("d.log"));
+    let output = order_topics(&scenario).0;
+    let actual = events(&wait_for(&output, expected.len(), Duration::from_secs(180)));
+    for service in [a, c, d] {
+        assert!(service.stop(Duration::from_secs(40)).success());
+    }
+    assert_exactly(&actual, &expected);
+    assert_no_hanging_transaction(&output);
+}
+
+/// An instance stopped (SIGSTOP) past its session timeout while the others take its
+/// partitions, then resumed (SIGCONT), commits nothing of what it had: the output stays exact.
+#[test]
+fn zombie_instance_is_fenced_and_output_stays_exact() {
+    let scenario = Scenario::new("zombie", "exactly_once", 6);
+    let topic = scenario.topic("shop.public.orders");
+    let records = generated_orders(&topic, 300, 12_000);
+    let expected = expected_events(&scenario.config, &records);
+    produce(&records[..4_000]);
+    let zombie = scenario.start("zombie.log");
+    let other = Service::start(&scenario.instance_config("b"), &scenario.dir.path().join("b.log"));
+    std::thread::sleep(Duration::from_secs(8));
+    produce(&records[4_000..]);
+    zombie.signal("STOP");
+    // Past the session timeout (6 s): the group moves the zombie's partitions to `other`.
+    std::thread::sleep(Duration::from_secs(12));
+    zombie.signal("CONT");
+    let output = order_topics(&scenario).0;
+    let actual = events(&wait_for(&output, expected.len(), Duration::from_secs(180)));
+    std::thread::sleep(Duration::from_secs(5));
+    let after = events(&read_topic(&output, "read_committed", 3_000));
+    let _ = zombie.stop(Duration::from_secs(40));
+    assert!(other.stop(Duration::from_secs(40)).success());
+    assert_eq!(after.len(), actual.len(), "the zombie committed more events after it resumed");
+    assert_exactly(&after, &expected);
+    assert_no_hanging_transaction(&output);
 }
