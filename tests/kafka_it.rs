@@ -524,8 +524,15 @@ fn zombie_instance_is_fenced_and_output_stays_exact() {
     let actual = events(&wait_for(&output, expected.len(), Duration::from_secs(180)));
     std::thread::sleep(Duration::from_secs(5));
     let after = events(&read_topic(&output, "read_committed", 3_000));
+    let zombie_log = zombie.log_text();
     let _ = zombie.stop(Duration::from_secs(40));
     assert!(other.stop(Duration::from_secs(40)).success());
+    // The zombie lost its partitions (or its producer was fenced) while it was stopped.
+    assert!(
+        zombie_log.contains("partitions revoked") || zombie_log.contains("fenced"),
+        "the zombie never noticed it lost its partitions:\n{zombie_log}"
+    );
+    eprintln!("zombie log:\n{zombie_log}");
     assert_eq!(after.len(), actual.len(), "the zombie committed more events after it resumed");
     assert_exactly(&after, &expected);
     assert_no_hanging_transaction(&output);
