@@ -248,3 +248,65 @@ fn tombstones_are_skipped_not_dead_lettered() {
     assert_eq!(tally.pipelines[0].skipped.get("tombstone"), Some(&1));
     assert_eq!(tally.dlq_total(), 0);
 }
+
+/// An event too large for the broker sends its input record to the DLQ instead of failing
+/// the batch at the broker over and over.
+#[test]
+fn output_too_large_goes_to_the_dlq() {
+    let config = r#"
+[limits]
+max_output_bytes = 1000
+
+[[pipeline]]
+name = "orders"
+topics = ["shop.public.orders"]
+
+[[pipeline.rule]]
+name = "created"
+when = "op == 'c'"
+event_type = "OrderCreated"
+topic = "events"
+"#;
+    let pipelines = pipelines(config);
+    let processor = BatchProcessor::new(&pipelines);
+    let mut value = order_change("c", 5, Some("pending"), 100);
+    value["after"]["note"] = json!("n".repeat(2_000));
+    let big = record(ORDERS_TOPIC, 30, Some(json!({"id": 5})), Some(&value));
+    let small = record(
+        ORDERS_TOPIC,
+        31,
+        Some(json!({"id": 6})),
+        Some(&order_change("c", 6, Some("pending"), 101)),
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let mut tally = Tally::default();
+    let outcome = runtime
+        .block_on(processor.process(
+            &[big.clone(), small],
+            &mut StateCache::new(1, 100),
+            &MemoryStore::new(),
+            &mut tally,
+            0,
+        ))
+        .unwrap();
+    assert_eq!(outcome.outputs.len(), 2);
+    let dlq = &outcome.outputs[0];
+    assert_eq!(dlq.kind, OutputKind::DeadLetter);
+    assert_eq!(dlq.value, big.value);
+    assert_eq!(
+        header(dlq, output_headers::ERROR_REASON),
+        "output_too_large"
+    );
+    assert_eq!(header(dlq, output_headers::ERROR_STAGE), "output");
+    assert!(
+        header(dlq, output_headers::ERROR_MESSAGE).contains("over limits.max_output_bytes (1000)")
+    );
+    assert_eq!(outcome.outputs[1].kind, OutputKind::Event);
+    assert_eq!(
+        outcome.writes.len(),
+        1,
+        "the oversized change is not applied"
+    );
+}

@@ -66,8 +66,14 @@ impl Scenario {
         let text = std::fs::read_to_string(&self.config).unwrap();
         let state = self.dir.path().join(format!("state-{instance}.db"));
         let text = text
-            .replace("instance_id = \"a\"", &format!("instance_id = \"{instance}\""))
-            .replace(&self.state.display().to_string(), &state.display().to_string());
+            .replace(
+                "instance_id = \"a\"",
+                &format!("instance_id = \"{instance}\""),
+            )
+            .replace(
+                &self.state.display().to_string(),
+                &state.display().to_string(),
+            );
         let path = self.dir.path().join(format!("cdcflow-{instance}.toml"));
         std::fs::write(&path, text).unwrap();
         path
@@ -485,15 +491,24 @@ fn scale_out_and_failover_move_state_with_partitions() {
     let (first, rest) = records.split_at(8_000);
     produce(first);
     let a = scenario.start("a.log");
-    let b = Service::start(&scenario.instance_config("b"), &scenario.dir.path().join("b.log"));
-    let c = Service::start(&scenario.instance_config("c"), &scenario.dir.path().join("c.log"));
+    let b = Service::start(
+        &scenario.instance_config("b"),
+        &scenario.dir.path().join("b.log"),
+    );
+    let c = Service::start(
+        &scenario.instance_config("c"),
+        &scenario.dir.path().join("c.log"),
+    );
     std::thread::sleep(Duration::from_secs(8));
     produce(&rest[..8_000]);
     std::thread::sleep(Duration::from_secs(2));
     b.kill();
     produce(&rest[8_000..]);
     std::thread::sleep(Duration::from_secs(6));
-    let d = Service::start(&scenario.instance_config("d"), &scenario.dir.path().join("d.log"));
+    let d = Service::start(
+        &scenario.instance_config("d"),
+        &scenario.dir.path().join("d.log"),
+    );
     let output = order_topics(&scenario).0;
     let actual = events(&wait_for(&output, expected.len(), Duration::from_secs(180)));
     for service in [a, c, d] {
@@ -513,7 +528,10 @@ fn zombie_instance_is_fenced_and_output_stays_exact() {
     let expected = expected_events(&scenario.config, &records);
     produce(&records[..4_000]);
     let zombie = scenario.start("zombie.log");
-    let other = Service::start(&scenario.instance_config("b"), &scenario.dir.path().join("b.log"));
+    let other = Service::start(
+        &scenario.instance_config("b"),
+        &scenario.dir.path().join("b.log"),
+    );
     std::thread::sleep(Duration::from_secs(8));
     produce(&records[4_000..]);
     zombie.signal("STOP");
@@ -533,7 +551,11 @@ fn zombie_instance_is_fenced_and_output_stays_exact() {
         "the zombie never noticed it lost its partitions:\n{zombie_log}"
     );
     eprintln!("zombie log:\n{zombie_log}");
-    assert_eq!(after.len(), actual.len(), "the zombie committed more events after it resumed");
+    assert_eq!(
+        after.len(),
+        actual.len(),
+        "the zombie committed more events after it resumed"
+    );
     assert_exactly(&after, &expected);
     assert_no_hanging_transaction(&output);
 }

@@ -127,6 +127,9 @@ impl Config {
                 ),
             ));
         }
+        if self.limits.max_output_bytes == 0 {
+            return Err(invalid("limits.max_output_bytes", "must be at least 1"));
+        }
         if self.limits.max_record_bytes == 0 {
             return Err(invalid("limits.max_record_bytes", "must be at least 1"));
         }
@@ -295,6 +298,7 @@ impl Config {
                     audit_topic: pipeline.audit_topic.clone(),
                     event_source: format!("{}/{}", self.events.source_prefix, pipeline.name),
                     event_mode: self.events.mode.to_mode(),
+                    max_output_bytes: self.limits.max_output_bytes,
                 };
                 Ok((route, Pipeline::new(settings)))
             })

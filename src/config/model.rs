@@ -84,6 +84,11 @@ pub struct LimitsConfig {
     /// limit, checked at no cost); a lower limit costs one scan of each record.
     #[serde(default = "default_max_nesting_depth")]
     pub max_nesting_depth: usize,
+    /// A change whose event record would exceed this many bytes goes to the DLQ
+    /// (`output_too_large`) instead of failing at the broker. Default 1,000,000, librdkafka's
+    /// default `message.max.bytes`.
+    #[serde(default = "default_max_output_bytes")]
+    pub max_output_bytes: usize,
 }
 
 fn default_max_record_bytes() -> usize {
@@ -94,11 +99,16 @@ fn default_max_nesting_depth() -> usize {
     DecodeLimits::default().max_nesting_depth
 }
 
+fn default_max_output_bytes() -> usize {
+    1_000_000
+}
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_record_bytes: default_max_record_bytes(),
             max_nesting_depth: default_max_nesting_depth(),
+            max_output_bytes: default_max_output_bytes(),
         }
     }
 }

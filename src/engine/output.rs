@@ -44,6 +44,19 @@ pub struct OutputRecord {
     pub value: Option<Vec<u8>>,
 }
 
+impl OutputRecord {
+    /// Bytes the record takes against a broker's message size limit.
+    pub fn size(&self) -> usize {
+        self.key.as_ref().map_or(0, Vec::len)
+            + self.value.as_ref().map_or(0, Vec::len)
+            + self
+                .headers
+                .iter()
+                .map(|(name, value)| name.len() + value.len())
+                .sum::<usize>()
+    }
+}
+
 /// Where in the processing of a record a failure happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Stage {
@@ -51,6 +64,7 @@ pub enum Stage {
     Version,
     State,
     Rule,
+    Output,
 }
 
 impl Stage {
@@ -60,6 +74,7 @@ impl Stage {
             Stage::Version => "version",
             Stage::State => "state",
             Stage::Rule => "rule",
+            Stage::Output => "output",
         }
     }
 }

@@ -20,6 +20,9 @@ pub struct PipelineSettings {
     pub audit_topic: Option<String>,
     /// CloudEvents `source` of this pipeline's events.
     pub event_source: String,
+    /// Largest output record (key, value and headers) the pipeline may produce; a change
+    /// whose event would be larger goes to the DLQ instead of failing at the broker.
+    pub max_output_bytes: usize,
     pub event_mode: EventMode,
 }
 
@@ -187,7 +190,20 @@ impl Pipeline {
                 causation_id: causation.clone(),
                 correlation_id: change.transaction_id.clone(),
             };
-            outputs.push(event.to_output(&fired.rule.topic, settings.event_mode));
+            let output = event.to_output(&fired.rule.topic, settings.event_mode);
+            let size = output.size();
+            if size > settings.max_output_bytes {
+                return Err(RecordFailure {
+                    stage: Stage::Output,
+                    reason: "output_too_large",
+                    message: format!(
+                        "rule `{}` built a {size}-byte event, over limits.max_output_bytes \
+                         ({}); trim its payload mapping",
+                        fired.rule.name, settings.max_output_bytes
+                    ),
+                });
+            }
+            outputs.push(output);
             event_types.push(fired.rule.event_type.clone());
         }
         let image = match change.op {
