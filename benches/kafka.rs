@@ -25,7 +25,10 @@ const PARTITIONS: i32 = 12;
 const STATUSES: [&str; 4] = ["pending", "paid", "shipped", "cancelled"];
 
 fn env_number(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn root() -> &'static Path {
@@ -42,7 +45,12 @@ fn producer(bootstrap: &str) -> ThreadedProducer<DefaultProducerContext> {
         .expect("producer")
 }
 
-fn send(producer: &ThreadedProducer<DefaultProducerContext>, topic: &str, key: &[u8], value: &[u8]) {
+fn send(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    key: &[u8],
+    value: &[u8],
+) {
     let mut record = BaseRecord::to(topic).key(key).payload(value);
     loop {
         match producer.send(record) {
@@ -70,7 +78,12 @@ fn raw_pipe(bootstrap: &str, input: &str, output: &str, group: &str, records: u6
     let mut seen = 0;
     while seen < records {
         if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
-            send(&producer, output, message.key().unwrap_or_default(), message.payload().unwrap_or_default());
+            send(
+                &producer,
+                output,
+                message.key().unwrap_or_default(),
+                message.payload().unwrap_or_default(),
+            );
             seen += 1;
         }
     }
@@ -79,7 +92,11 @@ fn raw_pipe(bootstrap: &str, input: &str, output: &str, group: &str, records: u6
 
 fn end_offsets(consumer: &BaseConsumer, topic: &str) -> i64 {
     (0..PARTITIONS)
-        .map(|partition| consumer.fetch_watermarks(topic, partition, Duration::from_secs(5)).map_or(0, |(_, high)| high))
+        .map(|partition| {
+            consumer
+                .fetch_watermarks(topic, partition, Duration::from_secs(5))
+                .map_or(0, |(_, high)| high)
+        })
         .sum()
 }
 
@@ -109,7 +126,13 @@ fn committed(bootstrap: &str, group: &str, topic: &str) -> i64 {
 
 fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// Runs a child until `done()` holds; returns (seconds, peak RSS MiB).
@@ -135,7 +158,9 @@ fn measure(mut command: Command, done: impl Fn() -> bool) -> (f64, f64) {
         std::thread::sleep(Duration::from_millis(20));
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     let _ = child.wait();
     (elapsed, peak as f64 / 1024.0)
 }
@@ -153,16 +178,28 @@ fn main() {
     let records = env_number("CDCFLOW_BENCH_RECORDS", 1_000_000);
     let entities = env_number("CDCFLOW_BENCH_ENTITIES", 100_000);
     let bootstrap = std::env::var("CDCFLOW_KAFKA_BOOTSTRAP").unwrap_or_else(|_| {
-        let out = Command::new(root().join("deploy/local/kafka.sh")).arg("start").output().expect("kafka.sh");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(root().join("deploy/local/kafka.sh"))
+            .arg("start")
+            .output()
+            .expect("kafka.sh");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
     });
     let run = std::process::id();
     let prefix = format!("bench{run}.");
     let input = format!("{prefix}shop.public.orders");
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", &bootstrap).create().expect("admin");
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .expect("admin");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let customers = format!("{prefix}shop.public.customers");
     let raw_output = format!("{prefix}raw-output");
     let topics = [
@@ -170,7 +207,10 @@ fn main() {
         NewTopic::new(&customers, PARTITIONS, TopicReplication::Fixed(1)),
         NewTopic::new(&raw_output, PARTITIONS, TopicReplication::Fixed(1)),
     ];
-    for result in runtime.block_on(admin.create_topics(topics.iter(), &AdminOptions::new())).unwrap() {
+    for result in runtime
+        .block_on(admin.create_topics(topics.iter(), &AdminOptions::new()))
+        .unwrap()
+    {
         result.expect("topic created");
     }
 
@@ -201,17 +241,40 @@ fn main() {
                        "table": "orders", "txId": 10_000 + offset, "lsn": lsn, "xmin": null},
             "op": if step == 0 { "c" } else { "u" }, "ts_ms": 1_732_528_800_100u64 + offset,
             "transaction": null});
-        send(&producer, &input, format!("{{\"id\":{id}}}").as_bytes(), value.to_string().as_bytes());
+        send(
+            &producer,
+            &input,
+            format!("{{\"id\":{id}}}").as_bytes(),
+            value.to_string().as_bytes(),
+        );
     }
-    producer.flush(Duration::from_secs(120)).expect("preload flushed");
-    eprintln!("preloaded {records} records over {entities} entities in {:.1}s", started.elapsed().as_secs_f64());
+    producer
+        .flush(Duration::from_secs(120))
+        .expect("preload flushed");
+    eprintln!(
+        "preloaded {records} records over {entities} entities in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
 
-    let probe: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &bootstrap).create().unwrap();
+    let probe: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .unwrap();
     let mut raw = Command::new(std::env::current_exe().unwrap());
-    raw.args(["--raw-pipe", &bootstrap, &input, &raw_output, &format!("{prefix}raw"), &records.to_string()]);
-    let (raw_seconds, raw_rss) = measure(raw, || end_offsets(&probe, &raw_output) >= records as i64);
+    raw.args([
+        "--raw-pipe",
+        &bootstrap,
+        &input,
+        &raw_output,
+        &format!("{prefix}raw"),
+        &records.to_string(),
+    ]);
+    let (raw_seconds, raw_rss) =
+        measure(raw, || end_offsets(&probe, &raw_output) >= records as i64);
     let raw_rate = records as f64 / raw_seconds;
-    println!("raw pipe:              {raw_rate:>9.0} records/s ({raw_seconds:.1}s), peak RSS {raw_rss:.0} MiB");
+    println!(
+        "raw pipe:              {raw_rate:>9.0} records/s ({raw_seconds:.1}s), peak RSS {raw_rss:.0} MiB"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let example = std::fs::read_to_string(root().join("examples/shop.toml")).unwrap();
@@ -223,7 +286,10 @@ fn main() {
         );
         for line in example.lines() {
             if line.starts_with("path = ") {
-                config.push_str(&format!("path = \"{}\"\n", dir.path().join(format!("{delivery}.db")).display()));
+                config.push_str(&format!(
+                    "path = \"{}\"\n",
+                    dir.path().join(format!("{delivery}.db")).display()
+                ));
             } else {
                 config.push_str(&line.replace("\"shop.", &format!("\"{prefix}{delivery}.shop.")));
                 config.push('\n');
@@ -231,13 +297,25 @@ fn main() {
         }
         // Both pipelines read the shared preloaded input.
         let config = config
-            .replace(&format!("\"{prefix}{delivery}.shop.public.orders\""), &format!("\"{input}\""))
-            .replace(&format!("\"{prefix}{delivery}.shop.public.customers\""), &format!("\"{customers}\""));
+            .replace(
+                &format!("\"{prefix}{delivery}.shop.public.orders\""),
+                &format!("\"{input}\""),
+            )
+            .replace(
+                &format!("\"{prefix}{delivery}.shop.public.customers\""),
+                &format!("\"{customers}\""),
+            );
         let path = dir.path().join(format!("{delivery}.toml"));
         std::fs::write(&path, config).unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_cdcflow"));
-        command.args(["run", "--config"]).arg(&path).env("CDCFLOW_LOG", "warn").stderr(Stdio::null());
-        let (seconds, rss) = measure(command, || committed(&bootstrap, &group, &input) >= records as i64);
+        command
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("CDCFLOW_LOG", "warn")
+            .stderr(Stdio::null());
+        let (seconds, rss) = measure(command, || {
+            committed(&bootstrap, &group, &input) >= records as i64
+        });
         let rate = records as f64 / seconds;
         println!(
             "cdcflow {delivery:<14} {rate:>9.0} records/s ({seconds:.1}s), peak RSS {rss:.0} MiB, {:.0}% of the raw pipe",

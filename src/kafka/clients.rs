@@ -28,7 +28,8 @@ pub(super) fn group_consumer(kafka: &KafkaConfig) -> ClientConfig {
         // Bounded prefetch: librdkafka's default is 64 MiB per partition queue.
         .set("queued.max.messages.kbytes", "16384")
         .set("session.timeout.ms", "10000")
-        .set("max.poll.interval.ms", "60000");
+        // Restoring a changelog runs inside the rebalance callback, between polls.
+        .set("max.poll.interval.ms", "300000");
     for (key, value) in &kafka.consumer {
         config.set(key, value);
     }

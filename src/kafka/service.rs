@@ -375,7 +375,7 @@ impl<S: StateStore> Worker<'_, S> {
             if records.is_empty() {
                 continue;
             }
-            match self.process_batch(&records) {
+            match self.process_batch(records) {
                 Ok(()) => attempts = 0,
                 Err(BatchFailure::Fatal(error)) => return Err(error),
                 Err(BatchFailure::Retry(reason)) => {
@@ -451,20 +451,23 @@ impl<S: StateStore> Worker<'_, S> {
         Ok(records)
     }
 
-    fn process_batch(&mut self, records: &[RawRecord]) -> Result<(), BatchFailure> {
+    fn process_batch(&mut self, records: Vec<RawRecord>) -> Result<(), BatchFailure> {
         let processor = BatchProcessor::new(self.pipelines);
         let mut tally = Tally::default();
+        let offsets = next_offsets(&records);
+        let record_count = records.len();
+        // Decoding is stateless: both cores share it; gating and rules stay in record order.
+        let decoded = processor.decode_parallel(records, 2);
         let outcome = self
             .runtime
-            .block_on(processor.process(
-                records,
+            .block_on(processor.apply(
+                decoded,
                 &mut self.cache,
                 self.store.as_ref(),
                 &mut tally,
                 now_ms(),
             ))
             .map_err(|error| BatchFailure::Retry(format!("state store: {error}")))?;
-        let offsets = next_offsets(records);
         let changelog_records: Vec<(usize, &StateWrite)> = outcome
             .writes
             .iter()
@@ -497,7 +500,7 @@ impl<S: StateStore> Worker<'_, S> {
             self.unsaved
                 .insert((write.pipeline.clone(), write.entity.clone()), write);
         }
-        self.unsaved_records += records.len();
+        self.unsaved_records += record_count;
         merge_tally(&mut self.tally, tally);
         if self.unsaved_records >= self.options.flush_records || self.cache.over_capacity() {
             self.flush_store().map_err(BatchFailure::Fatal)?;
