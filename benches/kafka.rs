@@ -1,9 +1,9 @@
-//! cdcflow against the raw pipe on the same broker in the same run (issue 3 targets):
-//! 1,000,000 Debezium records over 100,000 entities in 12 partitions are preloaded, then
-//! 1. a raw consume-and-produce pipe with rdkafka and no logic (the ceiling),
-//! 2. `cdcflow run` at-least-once, 3. `cdcflow run` exactly-once,
-//! each timed from its start to its last output (raw: the output holds every record; cdcflow:
-//! the group's committed offsets reach the end of the input), with peak RSS (`VmHWM`).
+//! cdcflow against the raw pipe on the same broker in the same run (issue 3 targets).
+//! 1,000,000 Debezium records over 100,000 entities in 12 partitions are preloaded, then three
+//! runs are timed from their start to their last output, with peak RSS (`VmHWM`):
+//! a raw consume-and-produce pipe with rdkafka and no logic (the ceiling; done when the output
+//! holds every record), `cdcflow run` at-least-once and `cdcflow run` exactly-once (done when
+//! the group's committed offsets reach the end of the input).
 //!
 //! Run: `cargo bench --bench kafka`. Uses `CDCFLOW_KAFKA_BOOTSTRAP`, or starts the local broker
 //! with `deploy/local/kafka.sh start`. `CDCFLOW_BENCH_RECORDS` / `CDCFLOW_BENCH_ENTITIES` change
