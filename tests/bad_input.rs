@@ -294,7 +294,13 @@ topic = "events"
     assert_eq!(outcome.outputs.len(), 2);
     let dlq = &outcome.outputs[0];
     assert_eq!(dlq.kind, OutputKind::DeadLetter);
-    assert_eq!(dlq.value, big.value);
+    // The DLQ record itself must fit: the oversized value is dropped and its size named.
+    assert_eq!(dlq.value, None);
+    assert_eq!(
+        header(dlq, output_headers::VALUE_DROPPED),
+        big.payload_len().to_string()
+    );
+    assert!(dlq.size() <= 1000, "the DLQ record fits the limit");
     assert_eq!(
         header(dlq, output_headers::ERROR_REASON),
         "output_too_large"

@@ -559,3 +559,53 @@ fn zombie_instance_is_fenced_and_output_stays_exact() {
     assert_exactly(&after, &expected);
     assert_no_hanging_transaction(&output);
 }
+
+/// kill -9 at random moments in at-least-once mode: every expected event id appears at least
+/// once, and every repeat carries the same id and the same payload.
+#[test]
+fn crash_test_at_least_once_repeats_carry_the_same_id_and_payload() {
+    let scenario = Scenario::new("crash-alo", "at_least_once", 3);
+    let records = generated_orders(&scenario.topic("shop.public.orders"), 1_000, 20_000);
+    let expected = expected_events(&scenario.config, &records);
+    produce(&records);
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for round in 0..5 {
+        let service = scenario.start(&format!("run-{round}.log"));
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(3_000 + seed % 2_000));
+        service.kill();
+    }
+    let service = scenario.start("run-final.log");
+    let topic = order_topics(&scenario).0;
+    let read = wait_for(&topic, expected.len(), Duration::from_secs(180));
+    // Let the last instance finish; repeats may keep arriving until it has caught up.
+    std::thread::sleep(Duration::from_secs(5));
+    let read = if read.len() < expected.len() {
+        read
+    } else {
+        read_topic(&topic, "read_committed", 3_000)
+    };
+    assert!(service.stop(Duration::from_secs(30)).success());
+    let mut payloads: BTreeMap<String, String> = BTreeMap::new();
+    for record in &read {
+        let event = record.json();
+        let id = event["id"].as_str().unwrap().to_owned();
+        let body = event.to_string();
+        if let Some(first) = payloads.get(&id) {
+            assert_eq!(
+                *first, body,
+                "a repeat of {id} differs from its first delivery"
+            );
+        } else {
+            payloads.insert(id, body);
+        }
+    }
+    let expected_ids: BTreeSet<&String> = expected.iter().map(|(_, id, _)| id).collect();
+    let actual_ids: BTreeSet<&String> = payloads.keys().collect();
+    assert_eq!(
+        actual_ids, expected_ids,
+        "an expected event is missing (or an unexpected one appeared)"
+    );
+}

@@ -121,7 +121,9 @@ fn convert_logical(
                 .get("value")
                 .and_then(Value::as_str)
                 .ok_or_else(|| bad(path, "VariableScaleDecimal has no base64 `value`"))?;
-            decimal_text(encoded, scale as i32, path)?
+            let scale = i32::try_from(scale)
+                .map_err(|_| bad(path, "VariableScaleDecimal scale is out of range"))?;
+            decimal_text(encoded, scale, path)?
         }
         CONNECT_DATE | DEBEZIUM_DATE => format_date(integer(value, path)?),
         CONNECT_TIME | DEBEZIUM_TIME => format_time(integer(value, path)?, 1_000_000, 3),
@@ -161,8 +163,20 @@ fn bad(path: &str, detail: &str) -> DecodeError {
     }
 }
 
+/// Largest decimal scale and unscaled size accepted: far beyond any database's DECIMAL
+/// (Postgres allows 16,383 digits after the point), small enough that a hostile record cannot
+/// make the text huge.
+const MAX_DECIMAL_SCALE: i32 = 16_384;
+const MAX_DECIMAL_BYTES: usize = 8_192;
+
 /// Exact decimal text from a base64 big-endian two's-complement unscaled value and a scale.
 pub(crate) fn decimal_text(encoded: &str, scale: i32, path: &str) -> Result<String, DecodeError> {
+    if !(-MAX_DECIMAL_SCALE..=MAX_DECIMAL_SCALE).contains(&scale) {
+        return Err(bad(path, &format!("Decimal scale {scale} is out of range")));
+    }
+    if encoded.len() > MAX_DECIMAL_BYTES * 4 / 3 + 4 {
+        return Err(bad(path, "Decimal value is too long"));
+    }
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(encoded)
         .map_err(|error| bad(path, &format!("Decimal value is not valid base64: {error}")))?;

@@ -8,6 +8,8 @@ const SECONDS_PER_DAY: i128 = 86_400;
 /// Converts days since 1970-01-01 to (year, month, day), using the era-based algorithm that
 /// counts 400-year cycles of 146,097 days.
 fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    // Beyond ±1e12 days (years far outside any calendar) the arithmetic below could overflow.
+    let days = days.clamp(-1_000_000_000_000, 1_000_000_000_000);
     let shifted = days + 719_468;
     let era = shifted.div_euclid(146_097);
     let day_of_era = shifted.rem_euclid(146_097);

@@ -2,6 +2,7 @@
 
 use serde_json::json;
 
+use super::pipeline::RecordFailure;
 use crate::cdc::{Origin, RawRecord};
 
 /// Header names cdcflow writes on DLQ records.
@@ -14,6 +15,8 @@ pub mod headers {
     pub const ORIGIN_TOPIC: &str = "cdcflow.origin.topic";
     pub const ORIGIN_PARTITION: &str = "cdcflow.origin.partition";
     pub const ORIGIN_OFFSET: &str = "cdcflow.origin.offset";
+    /// Set when the original key and value were too large to keep: their size in bytes.
+    pub const VALUE_DROPPED: &str = "cdcflow.value.dropped";
 }
 
 /// What an output record is, for routing, counting and tests.
@@ -79,15 +82,16 @@ impl Stage {
     }
 }
 
-/// A DLQ record: the original key, value and headers, plus headers naming the error.
+/// A DLQ record: the original key, value and headers, plus headers naming the error. A value
+/// that would take the record over `max_bytes` is dropped and its size named instead: the
+/// record must still be producible (it may be here for being too large).
 pub(crate) fn dead_letter(
     topic: &str,
     pipeline: &str,
     record: &RawRecord,
-    stage: Stage,
-    reason: &str,
-    message: &str,
+    failure: &RecordFailure,
     now_ms: i64,
+    max_bytes: usize,
 ) -> OutputRecord {
     let mut record_headers: Vec<(String, Vec<u8>)> = record
         .headers
@@ -100,14 +104,17 @@ pub(crate) fn dead_letter(
         })
         .collect();
     record_headers.extend([
-        (headers::ERROR_REASON.to_owned(), reason.as_bytes().to_vec()),
+        (
+            headers::ERROR_REASON.to_owned(),
+            failure.reason.as_bytes().to_vec(),
+        ),
         (
             headers::ERROR_MESSAGE.to_owned(),
-            message.as_bytes().to_vec(),
+            failure.message.as_bytes().to_vec(),
         ),
         (
             headers::ERROR_STAGE.to_owned(),
-            stage.as_str().as_bytes().to_vec(),
+            failure.stage.as_str().as_bytes().to_vec(),
         ),
         (
             headers::ERROR_TIME.to_owned(),
@@ -127,13 +134,25 @@ pub(crate) fn dead_letter(
             record.offset.to_string().into_bytes(),
         ),
     ]);
-    OutputRecord {
+    let mut output = OutputRecord {
         kind: OutputKind::DeadLetter,
         topic: topic.to_owned(),
         key: record.key.clone(),
         headers: record_headers,
         value: record.value.clone(),
+    };
+    if output.size() > max_bytes {
+        let original = record.payload_len();
+        output.value = None;
+        if output.size() > max_bytes {
+            output.key = None;
+        }
+        output.headers.push((
+            headers::VALUE_DROPPED.to_owned(),
+            original.to_string().into_bytes(),
+        ));
     }
+    output
 }
 
 /// The facts of one dropped change, for the optional audit topic.

@@ -63,7 +63,7 @@ pub struct Applied {
 
 /// The version a column-mode delete without its column gets when nothing is stored: the lowest
 /// column value with the delete marker.
-const VERSIONLESS_DELETE: [u64; 2] = [1 << 63, 1];
+const VERSIONLESS_DELETE: [u64; 2] = [0, 1];
 
 impl Pipeline {
     pub fn new(settings: PipelineSettings) -> Pipeline {
@@ -238,10 +238,9 @@ impl Pipeline {
             &self.settings.dlq_topic,
             &self.settings.name,
             record,
-            failure.stage,
-            failure.reason,
-            &failure.message,
+            failure,
             now_ms,
+            self.settings.max_output_bytes,
         )
     }
 }

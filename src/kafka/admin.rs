@@ -65,6 +65,20 @@ pub(super) fn prepare(
             }
         }
         matched.sort();
+        if matched.len() > 1 {
+            // Entities are identified per pipeline by key alone, and changelog partition p
+            // holds input partition p: two tables in one pipeline would collide on both.
+            return Err(ServiceError::Topology(format!(
+                "pipeline `{name}` matches {} topics ({}); cdcflow run needs one table per \
+                 pipeline: split it into one pipeline per topic",
+                matched.len(),
+                matched
+                    .iter()
+                    .map(|(topic, _)| topic.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
         let Some(&(_, partitions)) = matched.first() else {
             return Err(ServiceError::Topology(format!(
                 "pipeline `{name}` matches no existing topic; check pipeline.topics and topic_pattern"

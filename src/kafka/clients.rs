@@ -45,6 +45,9 @@ pub(super) fn restore_consumer(kafka: &KafkaConfig) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "true")
+        // A checkpoint beyond a recreated changelog must restart from its beginning, not skip
+        // to its end (librdkafka's default).
+        .set("auto.offset.reset", "earliest")
         .set("queued.max.messages.kbytes", "16384");
     config
 }

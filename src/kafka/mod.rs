@@ -38,8 +38,6 @@ pub enum ServiceError {
         offset: i64,
         detail: String,
     },
-    #[error("shutdown did not finish within {0:?}")]
-    ShutdownTimeout(std::time::Duration),
 }
 
 fn kafka_error(

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -22,26 +22,11 @@ const RESTORE_CHUNK: usize = 5_000;
 
 /// The restore of one changelog partition under way.
 struct Progress {
-    pipeline: String,
     writes: Vec<StateWrite>,
     last_offset: Option<i64>,
+    /// The offset after the last record read (or the start): the end check when idle.
+    next_offset: i64,
     done: bool,
-}
-
-/// Whether the consumer has read `topic`/`partition` up to the last stable offset.
-fn at_end<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, partition: i32) -> bool {
-    let Ok((_, high)) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(5)) else {
-        return false;
-    };
-    if high == 0 {
-        return true;
-    }
-    let Ok(positions) = consumer.position() else {
-        return false;
-    };
-    positions
-        .find_partition(topic, partition)
-        .is_some_and(|element| matches!(element.offset(), Offset::Offset(next) if next >= high))
 }
 
 /// A client context that does not log end-of-partition as an error: for the restore
@@ -92,49 +77,67 @@ impl<S: StateStore> ChangelogRestorer<S> {
         }
     }
 
-    /// Restores the changelog partitions behind the given input partitions, all at once with
-    /// one consumer. Returns the number of changelog records applied.
+    /// Restores the changelog partitions behind the given input partitions: one consumer per
+    /// changelog topic, all its partitions at once. Returns the number of records applied.
     pub(super) fn restore(&self, inputs: &[(String, i32)]) -> Result<u64, ServiceError> {
-        let mut targets: Vec<(&str, &str, i32)> = Vec::new();
+        let mut per_topic: BTreeMap<&str, (&str, Vec<i32>)> = BTreeMap::new();
         for (topic, partition) in inputs {
             for (pipeline, route, changelog) in &self.changelogs {
-                if route.matches(topic) && !targets.contains(&(pipeline, changelog, *partition)) {
-                    targets.push((pipeline, changelog, *partition));
+                if route.matches(topic) {
+                    let (_, partitions) =
+                        per_topic.entry(changelog).or_insert((pipeline, Vec::new()));
+                    if !partitions.contains(partition) {
+                        partitions.push(*partition);
+                    }
                 }
             }
         }
-        if targets.is_empty() {
-            return Ok(0);
+        let started = Instant::now();
+        let mut restored = 0;
+        for (topic, (pipeline, partitions)) in &per_topic {
+            restored += self.restore_topic(pipeline, topic, partitions)?;
         }
+        if !per_topic.is_empty() {
+            tracing::info!(topics = per_topic.len(), restored, elapsed = ?started.elapsed(), "restored changelog");
+        }
+        Ok(restored)
+    }
+
+    fn restore_topic(
+        &self,
+        pipeline: &str,
+        topic: &str,
+        partitions: &[i32],
+    ) -> Result<u64, ServiceError> {
         let started = Instant::now();
         let consumer: BaseConsumer<QuietEof> = clients::restore_consumer(&self.kafka)
             .create_with_context(QuietEof)
             .map_err(kafka_error("cannot create the changelog restore consumer"))?;
         let mut assignment = TopicPartitionList::new();
-        let mut progress: HashMap<(String, i32), Progress> = HashMap::new();
-        for (pipeline, topic, partition) in &targets {
+        let mut progress: HashMap<i32, Progress> = HashMap::new();
+        for &partition in partitions {
             let checkpoint = self
                 .runtime
-                .block_on(self.store.checkpoint(topic, *partition))?;
+                .block_on(self.store.checkpoint(topic, partition))?;
             let start = checkpoint.map_or(Offset::Beginning, |offset| Offset::Offset(offset + 1));
             assignment
-                .add_partition_offset(topic, *partition, start)
+                .add_partition_offset(topic, partition, start)
                 .map_err(kafka_error(format!(
                     "cannot assign `{topic}` partition {partition}"
                 )))?;
             progress.insert(
-                ((*topic).to_owned(), *partition),
+                partition,
                 Progress {
-                    pipeline: (*pipeline).to_owned(),
                     writes: Vec::new(),
                     last_offset: checkpoint,
+                    next_offset: checkpoint.map_or(0, |offset| offset + 1),
                     done: false,
                 },
             );
         }
-        consumer
-            .assign(&assignment)
-            .map_err(kafka_error("cannot assign the changelog partitions"))?;
+        consumer.assign(&assignment).map_err(kafka_error(format!(
+            "cannot assign the partitions of `{topic}`"
+        )))?;
         // An open transaction of a dead instance holds the committed end back until it
         // times out; allow for that, then give up loudly rather than run on partial state.
         let deadline = started + self.kafka.transaction_timeout * 3 + Duration::from_secs(60);
@@ -142,18 +145,14 @@ impl<S: StateStore> ChangelogRestorer<S> {
         while progress.values().any(|entry| !entry.done) {
             match consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(message)) => {
-                    let (topic, partition, offset) = (
-                        message.topic().to_owned(),
-                        message.partition(),
-                        message.offset(),
-                    );
-                    let Some(entry) = progress.get_mut(&(topic.clone(), partition)) else {
+                    let (partition, offset) = (message.partition(), message.offset());
+                    let Some(entry) = progress.get_mut(&partition) else {
                         continue;
                     };
                     if let Some(value) = message.payload() {
                         let state =
                             changelog::decode(value).map_err(|error| ServiceError::Changelog {
-                                topic: topic.clone(),
+                                topic: topic.to_owned(),
                                 partition,
                                 offset,
                                 detail: error.to_string(),
@@ -163,54 +162,51 @@ impl<S: StateStore> ChangelogRestorer<S> {
                             .map(|key| String::from_utf8_lossy(key).into_owned())
                             .unwrap_or_default();
                         entry.writes.push(StateWrite {
-                            pipeline: entry.pipeline.clone(),
+                            pipeline: pipeline.to_owned(),
                             entity,
                             state,
                             partition,
                         });
                     }
                     entry.last_offset = Some(offset);
+                    entry.next_offset = offset + 1;
                     restored += 1;
                     if entry.writes.len() >= RESTORE_CHUNK {
                         let writes = std::mem::take(&mut entry.writes);
-                        self.save(writes, &topic, partition, entry.last_offset)?;
+                        self.save(writes, topic, partition, entry.last_offset)?;
                     }
                 }
+                // With read_committed the end of a partition is its last stable offset.
                 Some(Err(KafkaError::PartitionEOF(partition))) => {
-                    // The EOF error names only the partition: mark every target with it whose
-                    // consumer position has reached the end.
-                    for ((topic, target_partition), entry) in progress.iter_mut() {
-                        if *target_partition == partition
-                            && !entry.done
-                            && at_end(&consumer, topic, partition)
-                        {
-                            entry.done = true;
-                        }
+                    if let Some(entry) = progress.get_mut(&partition) {
+                        entry.done = true;
                     }
                 }
                 Some(Err(error)) => {
-                    tracing::warn!(%error, "changelog restore: retrying after a consumer error");
+                    tracing::warn!(%topic, %error, "changelog restore: retrying after a consumer error");
                 }
                 None => {
-                    for ((topic, partition), entry) in progress.iter_mut() {
-                        if !entry.done && at_end(&consumer, topic, *partition) {
+                    for (partition, entry) in progress.iter_mut().filter(|(_, e)| !e.done) {
+                        if let Ok((_, high)) =
+                            consumer.fetch_watermarks(topic, *partition, Duration::from_secs(5))
+                            && entry.next_offset >= high
+                        {
                             entry.done = true;
                         }
                     }
                     if Instant::now() > deadline {
                         return Err(ServiceError::Topology(format!(
-                            "restoring the changelog did not reach its committed end within \
-                             {:?}; is a transaction stuck open?",
+                            "restoring `{topic}` did not reach its committed end within {:?}; is \
+                             a transaction stuck open?",
                             deadline - started
                         )));
                     }
                 }
             }
         }
-        for ((topic, partition), entry) in progress {
-            self.save(entry.writes, &topic, partition, entry.last_offset)?;
+        for (partition, entry) in progress {
+            self.save(entry.writes, topic, partition, entry.last_offset)?;
         }
-        tracing::info!(partitions = targets.len(), restored, elapsed = ?started.elapsed(), "restored changelog");
         Ok(restored)
     }
 

@@ -19,7 +19,6 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header as KafkaHeader, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
-use rdkafka::util::Timeout;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::admin::{self, Topology};
@@ -97,7 +96,13 @@ impl<S: StateStore> ConsumerContext for RebalanceContext<S> {
                     self.push(AssignmentEvent::Failed(failure.to_string()));
                     return;
                 }
-                let positioned = committed_positions(consumer, partitions);
+                let positioned = match committed_positions(consumer, partitions) {
+                    Ok(positioned) => positioned,
+                    Err(failure) => {
+                        self.push(AssignmentEvent::Failed(failure.to_string()));
+                        return;
+                    }
+                };
                 let result = if cooperative {
                     consumer.incremental_assign(&positioned)
                 } else {
@@ -134,24 +139,31 @@ impl<S: StateStore> ConsumerContext for RebalanceContext<S> {
 fn committed_positions<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     partitions: &TopicPartitionList,
-) -> TopicPartitionList {
-    let committed = match consumer.committed_offsets(partitions.clone(), Duration::from_secs(10)) {
-        Ok(committed) => committed,
-        Err(error) => {
-            tracing::warn!(%error, "cannot read committed offsets; librdkafka will look them up");
-            return partitions.clone();
-        }
-    };
+) -> Result<TopicPartitionList, ServiceError> {
+    let committed = consumer
+        .committed_offsets(partitions.clone(), Duration::from_secs(10))
+        .map_err(kafka_error("cannot read the committed offsets"))?;
     let mut positioned = TopicPartitionList::new();
     for element in committed.elements() {
+        if let Err(error) = element.error() {
+            return Err(ServiceError::Kafka {
+                context: format!(
+                    "cannot read the committed offset of `{}` partition {}",
+                    element.topic(),
+                    element.partition()
+                ),
+                source: error,
+            });
+        }
         let offset = match element.offset() {
             Offset::Offset(offset) if offset >= 0 => Offset::Offset(offset),
             _ => Offset::Beginning,
         };
-        // Adding to a fresh list cannot fail for a valid topic and partition.
-        let _ = positioned.add_partition_offset(element.topic(), element.partition(), offset);
+        positioned
+            .add_partition_offset(element.topic(), element.partition(), offset)
+            .map_err(kafka_error("cannot build the assignment"))?;
     }
-    positioned
+    Ok(positioned)
 }
 
 /// A changelog partition and the offset a record was written at.
@@ -168,9 +180,7 @@ fn classify(context: &str, error: KafkaError, transactional_id: &str) -> BatchFa
     if let KafkaError::Transaction(rd_error) = &error {
         if matches!(
             rd_error.code(),
-            RDKafkaErrorCode::Fenced
-                | RDKafkaErrorCode::ProducerFenced
-                | RDKafkaErrorCode::InvalidProducerEpoch
+            RDKafkaErrorCode::Fenced | RDKafkaErrorCode::ProducerFenced
         ) {
             return BatchFailure::Fatal(ServiceError::Fenced(transactional_id.to_owned()));
         }
@@ -487,7 +497,10 @@ impl<S: StateStore> Worker<'_, S> {
         let changelog_offsets = match delivered {
             Ok(offsets) => offsets,
             Err(failure) => {
-                // Staged state of the failed batch must not be seen by the next attempt.
+                // Staged state of the failed batch must not be seen by the next attempt; the
+                // committed states still only in memory go to the store first, or the retry
+                // would gate against older ones.
+                self.flush_store().map_err(BatchFailure::Fatal)?;
                 self.cache.clear();
                 return Err(failure);
             }
@@ -539,7 +552,7 @@ impl<S: StateStore> Worker<'_, S> {
                     )
                     .map_err(|error| classify("send_offsets_to_transaction", error, id))?;
                 self.producer
-                    .commit_transaction(Timeout::Never)
+                    .commit_transaction(self.options.kafka.transaction_timeout * 2)
                     .map_err(|error| classify("commit_transaction", error, id))?;
                 Ok(changelog_futures)
             });
@@ -547,7 +560,7 @@ impl<S: StateStore> Worker<'_, S> {
             Ok(futures) => self.await_changelog(futures),
             Err(BatchFailure::Retry(reason)) => {
                 self.producer
-                    .abort_transaction(Timeout::Never)
+                    .abort_transaction(self.options.kafka.transaction_timeout * 2)
                     .map_err(|error| match classify("abort_transaction", error, id) {
                         BatchFailure::Fatal(fatal) => BatchFailure::Fatal(fatal),
                         BatchFailure::Retry(again) => BatchFailure::Fatal(ServiceError::Topology(
@@ -665,6 +678,7 @@ impl<S: StateStore> Worker<'_, S> {
 
     /// Positions every assigned partition at its committed offset.
     fn rewind(&mut self) -> Result<(), ServiceError> {
+        self.flush_store()?;
         self.cache.clear();
         let assignment = self
             .consumer
@@ -673,12 +687,24 @@ impl<S: StateStore> Worker<'_, S> {
         if assignment.count() == 0 {
             return Ok(());
         }
-        let positioned = committed_positions(self.consumer, &assignment);
-        if let Err(error) = self
+        // A rewind that does not land would let the next commit skip the aborted batch: any
+        // failure here is fatal, and a restart resumes from the committed offsets.
+        let positioned = committed_positions(self.consumer, &assignment)?;
+        let sought = self
             .consumer
             .seek_partitions(positioned, Duration::from_secs(10))
-        {
-            tracing::warn!(%error, "rewind seek failed; the version gate absorbs any repeat");
+            .map_err(kafka_error("cannot rewind to the committed offsets"))?;
+        for element in sought.elements() {
+            if let Err(error) = element.error() {
+                return Err(ServiceError::Kafka {
+                    context: format!(
+                        "cannot rewind `{}` partition {} to its committed offset",
+                        element.topic(),
+                        element.partition()
+                    ),
+                    source: error,
+                });
+            }
         }
         Ok(())
     }

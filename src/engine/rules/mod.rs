@@ -235,10 +235,11 @@ impl CompiledRules {
         self.rules.is_empty()
     }
 
-    /// Whether any rule reads the stored image (`previous` or `old`).
+    /// Whether any rule reads the stored image (`previous`, `old` or `changed`).
     pub fn reads_previous(&self) -> bool {
-        !matches!(self.conversions[index_of("previous")], Conversion::Unused)
-            || !matches!(self.conversions[index_of("old")], Conversion::Unused)
+        ["previous", "old", "changed"]
+            .iter()
+            .any(|name| !matches!(self.conversions[index_of(name)], Conversion::Unused))
     }
 
     /// Evaluates every rule; returns those that fired, in declaration order.
@@ -247,7 +248,13 @@ impl CompiledRules {
             return Ok(Vec::new());
         }
         let mut context = Context::with_env(Arc::clone(&self.env));
-        let old = input.before.or(input.previous);
+        // A delete's `before` holds only the key columns under Postgres' default replica
+        // identity, so for deletes the stored image is the better old image.
+        let old = if input.op == "d" {
+            input.previous.or(input.before)
+        } else {
+            input.before.or(input.previous)
+        };
         for (name, conversion) in VARIABLES.iter().zip(&self.conversions) {
             if matches!(conversion, Conversion::Unused) {
                 continue;
