@@ -53,6 +53,8 @@ enum AssignmentEvent {
 struct RebalanceContext<S> {
     restorer: ChangelogRestorer<S>,
     events: Mutex<Vec<AssignmentEvent>>,
+    /// How long to wait for committed offsets to become stable.
+    patience: Duration,
 }
 
 impl<S> RebalanceContext<S> {
@@ -96,7 +98,7 @@ impl<S: StateStore> ConsumerContext for RebalanceContext<S> {
                     self.push(AssignmentEvent::Failed(failure.to_string()));
                     return;
                 }
-                let positioned = match committed_positions(consumer, partitions) {
+                let positioned = match committed_positions(consumer, partitions, self.patience) {
                     Ok(positioned) => positioned,
                     Err(failure) => {
                         self.push(AssignmentEvent::Failed(failure.to_string()));
@@ -139,10 +141,32 @@ impl<S: StateStore> ConsumerContext for RebalanceContext<S> {
 fn committed_positions<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     partitions: &TopicPartitionList,
+    patience: Duration,
 ) -> Result<TopicPartitionList, ServiceError> {
-    let committed = consumer
-        .committed_offsets(partitions.clone(), Duration::from_secs(10))
-        .map_err(kafka_error("cannot read the committed offsets"))?;
+    // Offsets committed by a transaction still open (a dead or stopped instance's) are
+    // unstable: the broker withholds them until that transaction ends, at the latest after
+    // transaction.timeout.ms. Retry until then rather than give up or guess.
+    let deadline = Instant::now() + patience;
+    let committed = loop {
+        match consumer.committed_offsets(partitions.clone(), Duration::from_secs(10)) {
+            Ok(committed) if committed.elements().iter().all(|e| e.error().is_ok()) => {
+                break committed;
+            }
+            Ok(_) | Err(_) if Instant::now() < deadline => {
+                tracing::warn!(
+                    "committed offsets are not stable yet (an open transaction?); retrying"
+                );
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Ok(committed) => break committed,
+            Err(error) => {
+                return Err(ServiceError::Kafka {
+                    context: "cannot read the committed offsets".to_owned(),
+                    source: error,
+                });
+            }
+        }
+    };
     let mut positioned = TopicPartitionList::new();
     for element in committed.elements() {
         if let Err(error) = element.error() {
@@ -247,6 +271,7 @@ pub fn run_service<S: StateStore>(
     let context = RebalanceContext {
         restorer,
         events: Mutex::new(Vec::new()),
+        patience: kafka.transaction_timeout * 3,
     };
     let consumer: BaseConsumer<RebalanceContext<S>> = clients::group_consumer(kafka)
         .create_with_context(context)
@@ -689,7 +714,11 @@ impl<S: StateStore> Worker<'_, S> {
         }
         // A rewind that does not land would let the next commit skip the aborted batch: any
         // failure here is fatal, and a restart resumes from the committed offsets.
-        let positioned = committed_positions(self.consumer, &assignment)?;
+        let positioned = committed_positions(
+            self.consumer,
+            &assignment,
+            self.options.kafka.transaction_timeout * 3,
+        )?;
         let sought = self
             .consumer
             .seek_partitions(positioned, Duration::from_secs(10))
