@@ -250,32 +250,10 @@ async fn run_inputs<S: StateStore>(
         )
         .await
         .with_context(|| format!("replay of `{}` stopped", path.display()))?;
-        merge(&mut total, tally);
+        total.merge(tally);
     }
     output.flush().context("cannot flush stdout")?;
     Ok(total)
-}
-
-fn merge(total: &mut Tally, tally: Tally) {
-    total.records_read += tally.records_read;
-    total.unrouted += tally.unrouted;
-    total.malformed_lines += tally.malformed_lines;
-    for (index, counts) in tally.pipelines.into_iter().enumerate() {
-        let target = total.pipeline(index, &counts.name);
-        for (key, value) in counts.decisions {
-            *target.decisions.entry(key).or_default() += value;
-        }
-        for (key, value) in counts.skipped {
-            *target.skipped.entry(key).or_default() += value;
-        }
-        for (key, value) in counts.events {
-            *target.events.entry(key).or_default() += value;
-        }
-        for (key, value) in counts.dlq {
-            *target.dlq.entry(key).or_default() += value;
-        }
-        target.audit_records += counts.audit_records;
-    }
 }
 
 fn print_summary(tally: &Tally, elapsed: std::time::Duration) {

@@ -93,6 +93,29 @@ impl Tally {
     pub fn dlq_total(&self) -> u64 {
         self.pipelines.iter().map(PipelineTally::dlq_total).sum()
     }
+
+    /// Adds another tally's counts (of the same pipelines) to this one.
+    pub fn merge(&mut self, other: Tally) {
+        self.records_read += other.records_read;
+        self.unrouted += other.unrouted;
+        self.malformed_lines += other.malformed_lines;
+        for (index, counts) in other.pipelines.into_iter().enumerate() {
+            let target = self.pipeline(index, &counts.name);
+            for (key, value) in counts.decisions {
+                *target.decisions.entry(key).or_default() += value;
+            }
+            for (key, value) in counts.skipped {
+                *target.skipped.entry(key).or_default() += value;
+            }
+            for (key, value) in counts.events {
+                *target.events.entry(key).or_default() += value;
+            }
+            for (key, value) in counts.dlq {
+                *target.dlq.entry(key).or_default() += value;
+            }
+            target.audit_records += counts.audit_records;
+        }
+    }
 }
 
 /// The Prometheus families cdcflow exports.

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
@@ -28,7 +28,7 @@ use crate::cdc::{Header, RawRecord};
 use crate::config::{DeliveryConfig, KafkaConfig};
 use crate::engine::OutputRecord;
 use crate::metrics::Tally;
-use crate::runtime::{BatchProcessor, SharedPipelines, StateCache};
+use crate::runtime::{BatchProcessor, SharedPipelines, StateCache, now_ms};
 use crate::store::{Checkpoint, StateStore, StateWrite, changelog};
 
 /// Settings of the service beyond the pipelines.
@@ -375,14 +375,6 @@ fn host_name() -> String {
         .unwrap_or_else(|| "cdcflow".to_owned())
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| {
-            i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
-        })
-}
-
 struct Worker<'a, S: StateStore> {
     options: &'a ServiceOptions,
     pipelines: &'a SharedPipelines,
@@ -539,7 +531,7 @@ impl<S: StateStore> Worker<'_, S> {
                 .insert((write.pipeline.clone(), write.entity.clone()), write);
         }
         self.unsaved_records += record_count;
-        merge_tally(&mut self.tally, tally);
+        self.tally.merge(tally);
         if self.unsaved_records >= self.options.flush_records || self.cache.over_capacity() {
             self.flush_store().map_err(BatchFailure::Fatal)?;
             if self.cache.over_capacity() {
@@ -795,26 +787,5 @@ fn raw_record<M: Message>(message: &M) -> RawRecord {
             })
             .unwrap_or_default(),
         timestamp_ms: message.timestamp().to_millis(),
-    }
-}
-
-fn merge_tally(total: &mut Tally, batch: Tally) {
-    total.records_read += batch.records_read;
-    total.unrouted += batch.unrouted;
-    for (index, counts) in batch.pipelines.into_iter().enumerate() {
-        let target = total.pipeline(index, &counts.name);
-        for (key, value) in counts.decisions {
-            *target.decisions.entry(key).or_default() += value;
-        }
-        for (key, value) in counts.skipped {
-            *target.skipped.entry(key).or_default() += value;
-        }
-        for (key, value) in counts.events {
-            *target.events.entry(key).or_default() += value;
-        }
-        for (key, value) in counts.dlq {
-            *target.dlq.entry(key).or_default() += value;
-        }
-        target.audit_records += counts.audit_records;
     }
 }

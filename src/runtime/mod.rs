@@ -12,3 +12,13 @@ mod replay;
 pub use batch::{BatchOutcome, BatchProcessor, DecodedBatch, StateCache};
 pub use kcat::{KcatLineError, parse_kcat_line, write_output_line};
 pub use replay::{ReplayError, ReplayOptions, SharedPipelines, replay};
+
+/// Wall-clock milliseconds since the epoch: the time of DLQ and audit records. The pure core
+/// never reads a clock; the drivers pass this in.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
+        })
+}

@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use thiserror::Error;
 use tokio::sync::mpsc;
@@ -16,6 +15,7 @@ use tokio::task::JoinHandle;
 
 use super::batch::{BatchProcessor, DecodedBatch, StateCache};
 use super::kcat::{parse_kcat_line, write_output_line};
+use super::now_ms;
 use crate::config::TopicRoute;
 use crate::engine::Pipeline;
 use crate::metrics::Tally;
@@ -188,12 +188,4 @@ fn read_and_decode(
             return Ok(());
         }
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| {
-            i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
-        })
 }
