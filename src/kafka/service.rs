@@ -28,8 +28,8 @@ use crate::cdc::{Header, RawRecord};
 use crate::config::{DeliveryConfig, KafkaConfig};
 use crate::engine::OutputRecord;
 use crate::metrics::Tally;
-use crate::runtime::{BatchProcessor, SharedPipelines, StateCache, now_ms};
-use crate::store::{Checkpoint, StateStore, StateWrite, changelog};
+use crate::runtime::{BatchOutcome, BatchProcessor, SharedPipelines, StateCache, now_ms};
+use crate::store::{Checkpoint, StateStore, StateWrite, StoreError, changelog};
 
 /// Settings of the service beyond the pipelines.
 #[derive(Debug, Clone)]
@@ -288,6 +288,8 @@ pub fn run_service<S: StateStore>(
         "cdcflow run started"
     );
 
+    // One lane per core: partitions are processed in parallel, each strictly in order.
+    let lanes = std::thread::available_parallelism().map_or(2, |cores| cores.get().clamp(1, 8));
     let mut worker = Worker {
         options: &options,
         pipelines: &pipelines,
@@ -297,7 +299,9 @@ pub fn run_service<S: StateStore>(
         producer: &producer,
         consumer: &consumer,
         transactional_id: &transactional_id,
-        cache: StateCache::new(pipelines.len(), options.cache_entries),
+        caches: (0..lanes)
+            .map(|_| StateCache::new(pipelines.len(), options.cache_entries / lanes))
+            .collect(),
         unsaved: HashMap::new(),
         checkpoints: HashMap::new(),
         unsaved_records: 0,
@@ -384,7 +388,8 @@ struct Worker<'a, S: StateStore> {
     producer: &'a FutureProducer,
     consumer: &'a BaseConsumer<RebalanceContext<S>>,
     transactional_id: &'a str,
-    cache: StateCache,
+    /// One state cache per processing lane.
+    caches: Vec<StateCache>,
     /// Committed states not yet in the store, one per entity.
     unsaved: HashMap<(String, String), StateWrite>,
     /// The last committed changelog offset per changelog partition.
@@ -467,7 +472,7 @@ impl<S: StateStore> Worker<'_, S> {
                         // later reassignment restores on top of it; cached state of partitions
                         // another instance may now change is dropped.
                         self.flush_store()?;
-                        self.cache.clear();
+                        self.clear_caches();
                     }
                 }
             }
@@ -479,21 +484,10 @@ impl<S: StateStore> Worker<'_, S> {
     }
 
     fn process_batch(&mut self, records: Vec<RawRecord>) -> Result<(), BatchFailure> {
-        let processor = BatchProcessor::new(self.pipelines);
-        let mut tally = Tally::default();
         let offsets = next_offsets(&records);
         let record_count = records.len();
-        // Decoding is stateless: both cores share it; gating and rules stay in record order.
-        let decoded = processor.decode_parallel(records, 2);
-        let outcome = self
-            .runtime
-            .block_on(processor.apply(
-                decoded,
-                &mut self.cache,
-                self.store.as_ref(),
-                &mut tally,
-                now_ms(),
-            ))
+        let (outcome, tally) = self
+            .process_lanes(records)
             .map_err(|error| BatchFailure::Retry(format!("state store: {error}")))?;
         let changelog_records: Vec<(usize, &StateWrite)> = outcome
             .writes
@@ -518,7 +512,7 @@ impl<S: StateStore> Worker<'_, S> {
                 // committed states still only in memory go to the store first, or the retry
                 // would gate against older ones.
                 self.flush_store().map_err(BatchFailure::Fatal)?;
-                self.cache.clear();
+                self.clear_caches();
                 return Err(failure);
             }
         };
@@ -532,13 +526,73 @@ impl<S: StateStore> Worker<'_, S> {
         }
         self.unsaved_records += record_count;
         self.tally.merge(tally);
-        if self.unsaved_records >= self.options.flush_records || self.cache.over_capacity() {
+        if self.unsaved_records >= self.options.flush_records || self.caches_over_capacity() {
             self.flush_store().map_err(BatchFailure::Fatal)?;
-            if self.cache.over_capacity() {
-                self.cache.clear();
+            if self.caches_over_capacity() {
+                self.clear_caches();
             }
         }
         Ok(())
+    }
+
+    /// Processes a batch in parallel lanes: each partition belongs to one lane (partition
+    /// modulo the lane count) with its own state cache, so partitions run in parallel and
+    /// each partition strictly in order. Entities never cross partitions (the record key is
+    /// the entity), so lanes share no state.
+    fn process_lanes(
+        &mut self,
+        records: Vec<RawRecord>,
+    ) -> Result<(BatchOutcome, Tally), StoreError> {
+        let lanes = self.caches.len();
+        let mut by_lane: Vec<Vec<RawRecord>> = (0..lanes).map(|_| Vec::new()).collect();
+        for record in records {
+            by_lane[record.partition.unsigned_abs() as usize % lanes].push(record);
+        }
+        let processor = BatchProcessor::new(self.pipelines);
+        let (store, runtime, now) = (self.store.as_ref(), self.runtime, now_ms());
+        let results: Vec<Result<(BatchOutcome, Tally), StoreError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = by_lane
+                .into_iter()
+                .zip(self.caches.iter_mut())
+                .filter(|(lane, _)| !lane.is_empty())
+                .map(|(lane, cache)| {
+                    let processor = &processor;
+                    scope.spawn(move || {
+                        let mut tally = Tally::default();
+                        let decoded = processor.decode(lane);
+                        runtime
+                            .block_on(processor.apply(decoded, cache, store, &mut tally, now))
+                            .map(|outcome| (outcome, tally))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                // A panic in a lane is a bug: surface it on the service thread.
+                .map(|handle| {
+                    handle
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
+                .collect()
+        });
+        let mut merged = BatchOutcome::default();
+        let mut tally = Tally::default();
+        for result in results {
+            let (outcome, lane_tally) = result?;
+            merged.outputs.extend(outcome.outputs);
+            merged.writes.extend(outcome.writes);
+            tally.merge(lane_tally);
+        }
+        Ok((merged, tally))
+    }
+
+    fn clear_caches(&mut self) {
+        self.caches.iter_mut().for_each(StateCache::clear);
+    }
+
+    fn caches_over_capacity(&self) -> bool {
+        self.caches.iter().any(StateCache::over_capacity)
     }
 
     /// One transaction: outputs, changelog records, consumed offsets. Returns the changelog
@@ -696,7 +750,7 @@ impl<S: StateStore> Worker<'_, S> {
     /// Positions every assigned partition at its committed offset.
     fn rewind(&mut self) -> Result<(), ServiceError> {
         self.flush_store()?;
-        self.cache.clear();
+        self.clear_caches();
         let assignment = self
             .consumer
             .assignment()

@@ -92,54 +92,6 @@ impl<'p> BatchProcessor<'p> {
         }
     }
 
-    /// [`BatchProcessor::decode`] split over `threads` threads: decoding needs no state, so
-    /// contiguous chunks decode in parallel and are stitched back in record order.
-    pub fn decode_parallel(&self, records: Vec<RawRecord>, threads: usize) -> DecodedBatch {
-        let threads = threads.max(1);
-        if threads == 1 || records.len() < 2 * threads {
-            return self.decode(records);
-        }
-        let chunk = records.len().div_ceil(threads);
-        let parts: Vec<DecodedSlice> = std::thread::scope(|scope| {
-            let handles: Vec<_> = records
-                .chunks(chunk)
-                .enumerate()
-                .map(|(index, slice)| {
-                    scope.spawn(move || {
-                        let decoded = self.decode_slice(slice);
-                        let base = index * chunk;
-                        let items = decoded
-                            .0
-                            .into_iter()
-                            .map(|(record, pipeline, outcome)| (base + record, pipeline, outcome))
-                            .collect();
-                        (items, decoded.1)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                // A panic in a decode thread is a bug in the decoder: surface it here.
-                .map(|handle| {
-                    handle
-                        .join()
-                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-                })
-                .collect()
-        });
-        let mut items = Vec::with_capacity(records.len());
-        let mut unrouted = 0;
-        for (part, part_unrouted) in parts {
-            items.extend(part);
-            unrouted += part_unrouted;
-        }
-        DecodedBatch {
-            records,
-            items,
-            unrouted,
-        }
-    }
-
     /// Routes and decodes a slice: (record index in the slice, pipeline, outcome), unrouted.
     fn decode_slice(&self, records: &[RawRecord]) -> DecodedSlice {
         let mut items = Vec::with_capacity(records.len());
