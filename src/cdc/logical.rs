@@ -231,6 +231,15 @@ mod tests {
         );
     }
 
+    /// Hostile scales and sizes are rejected, not expanded into huge text.
+    #[test]
+    fn decimal_limits_hold() {
+        assert!(decimal_text(&b64(&[1]), i32::MAX, "f").is_err());
+        assert!(decimal_text(&b64(&[1]), -20_000, "f").is_err());
+        assert!(decimal_text(&"A".repeat(20_000), 2, "f").is_err());
+        assert_eq!(decimal_text(&b64(&[1]), 16_384, "f").unwrap().len(), 16_386);
+    }
+
     /// Bad base64 in a Decimal names the field.
     #[test]
     fn bad_decimal_names_the_field() {

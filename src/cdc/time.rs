@@ -114,6 +114,13 @@ mod tests {
         assert_eq!(format_epoch_millis(-1), "1969-12-31T23:59:59.999Z");
     }
 
+    /// Day counts at the edge of i64 never overflow.
+    #[test]
+    fn extreme_days_do_not_overflow() {
+        let _ = format_date(i64::MAX);
+        let _ = format_date(i64::MIN);
+    }
+
     /// Times of day keep the precision their Debezium type carries.
     #[test]
     fn time_of_day_keeps_precision() {

@@ -553,6 +553,37 @@ mod tests {
         );
     }
 
+    /// A rule that reads only `changed` still needs the stored image, and a delete compares
+    /// against the stored image rather than a key-only `before`.
+    #[test]
+    fn changed_and_deletes_use_the_stored_image() {
+        let rules = CompiledRules::compile(
+            "orders",
+            &[rule(
+                "status",
+                "'status' in changed",
+                PayloadSpec::Expression("old.status".into()),
+            )],
+        )
+        .unwrap();
+        assert!(rules.reads_previous());
+        let previous = row(json!({"id": 1, "status": "paid"}));
+        let key_only = row(json!({"id": 1, "status": null}));
+        let key = json!({"id": 1});
+        let delete = RuleInput {
+            op: "d",
+            before: Some(&key_only),
+            after: None,
+            previous: Some(&previous),
+            key: &key,
+            source: &NO_SOURCE,
+        };
+        assert_eq!(
+            fire(&rules, &delete),
+            vec![("status".to_owned(), json!("paid"))]
+        );
+    }
+
     /// Integers compare with CEL int literals and the default payload is the newest row.
     #[test]
     fn integers_and_default_payload() {
