@@ -9,6 +9,9 @@
 //! with `deploy/local/kafka.sh start`. `CDCFLOW_BENCH_RECORDS` / `CDCFLOW_BENCH_ENTITIES` change
 //! the size.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,16 +23,10 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::json;
+use support::{env_number, peak_rss_kib};
 
 const PARTITIONS: i32 = 12;
 const STATUSES: [&str; 4] = ["pending", "paid", "shipped", "cancelled"];
-
-fn env_number(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -122,17 +119,6 @@ fn committed(bootstrap: &str, group: &str, topic: &str) -> i64 {
                 .sum()
         })
         .unwrap_or(0)
-}
-
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 /// Runs a child until `done()` holds; returns (seconds, peak RSS MiB).

@@ -6,6 +6,9 @@
 //! change the size). The input file is generated first and not timed; the binary's wall time
 //! and peak RSS (`VmHWM`, sampled every 10 ms) are reported.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
@@ -13,15 +16,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use support::{env_number, peak_rss_kib};
 
 const STATUSES: [&str; 4] = ["pending", "paid", "shipped", "cancelled"];
-
-fn env_number(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Writes `records` kcat lines: one create per entity, then updates to random entities that
 /// move the status forward or change the amount, with increasing LSNs.
@@ -60,17 +57,6 @@ fn generate(path: &Path, records: u64, entities: u64) -> std::io::Result<()> {
         out.write_all(b"\n")?;
     }
     out.flush()
-}
-
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|line| line.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
