@@ -22,11 +22,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use serde_json::json;
-use support::{env_number, peak_rss_kib};
+use support::{env_number, order_changes, peak_rss_kib};
 
 const PARTITIONS: i32 = 12;
-const STATUSES: [&str; 4] = ["pending", "paid", "shipped", "cancelled"];
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -202,31 +200,7 @@ fn main() {
 
     let started = Instant::now();
     let producer = producer(&bootstrap);
-    let mut steps = vec![0u32; entities as usize];
-    let mut random = 0x2545_f491_4f6c_dd1du64;
-    for offset in 0..records {
-        let id = if offset < entities {
-            offset
-        } else {
-            random ^= random << 13;
-            random ^= random >> 7;
-            random ^= random << 17;
-            random % entities
-        };
-        let step = steps[id as usize];
-        steps[id as usize] += 1;
-        let lsn = 24_000_000 + offset * 64;
-        let value = json!({
-            "before": null,
-            "after": {"id": id, "customer_id": id % 977, "status": STATUSES[(step as usize).min(3)],
-                      "amount": format!("{}.{:02}", 100 + step / 2, id % 100), "currency": "EUR",
-                      "created_at": "2024-11-25T09:58:00.000000Z", "note": null},
-            "source": {"version": "2.7.3.Final", "connector": "postgresql", "name": "shop",
-                       "ts_ms": 1_732_528_800_000u64 + offset, "snapshot": "false", "db": "shop",
-                       "sequence": format!("[\"{}\",\"{lsn}\"]", lsn - 32), "schema": "public",
-                       "table": "orders", "txId": 10_000 + offset, "lsn": lsn, "xmin": null},
-            "op": if step == 0 { "c" } else { "u" }, "ts_ms": 1_732_528_800_100u64 + offset,
-            "transaction": null});
+    for (id, value) in order_changes(records, entities) {
         send(
             &producer,
             &input,

@@ -16,43 +16,15 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::{env_number, peak_rss_kib};
+use support::{env_number, order_changes, peak_rss_kib};
 
-const STATUSES: [&str; 4] = ["pending", "paid", "shipped", "cancelled"];
-
-/// Writes `records` kcat lines: one create per entity, then updates to random entities that
-/// move the status forward or change the amount, with increasing LSNs.
+/// Writes `records` kcat lines of the benchmark workload.
 fn generate(path: &Path, records: u64, entities: u64) -> std::io::Result<()> {
     let mut out = BufWriter::with_capacity(1 << 20, File::create(path)?);
-    let mut versions = vec![0u32; entities as usize];
-    let mut random = 0x2545_f491_4f6c_dd1du64;
-    for offset in 0..records {
-        let id = if offset < entities {
-            offset
-        } else {
-            random ^= random << 13;
-            random ^= random >> 7;
-            random ^= random << 17;
-            random % entities
-        };
-        let step = versions[id as usize];
-        versions[id as usize] += 1;
-        let lsn = 24_000_000 + offset * 64;
-        let status = STATUSES[(step as usize).min(3) % 4];
-        let amount = format!("{}.{:02}", 100 + (step / 2), (id % 100));
-        let after = json!({"id": id, "customer_id": id % 977, "status": status, "amount": amount,
-            "currency": "EUR", "created_at": "2024-11-25T09:58:00.000000Z", "note": null});
-        let value = json!({
-            "before": null, "after": after,
-            "source": {"version": "2.7.3.Final", "connector": "postgresql", "name": "shop",
-                "ts_ms": 1_732_528_800_000u64 + offset, "snapshot": "false", "db": "shop",
-                "sequence": format!("[\"{}\",\"{}\"]", lsn - 32, lsn), "schema": "public",
-                "table": "orders", "txId": 10_000 + offset, "lsn": lsn, "xmin": null},
-            "op": if step == 0 { "c" } else { "u" }, "ts_ms": 1_732_528_800_100u64 + offset,
-            "transaction": null});
+    for (offset, (id, value)) in order_changes(records, entities).enumerate() {
         let line = json!({"topic": "shop.public.orders", "partition": 0, "offset": offset,
-            "tstype": "create", "ts": 1_732_528_800_200u64 + offset, "broker": 1, "headers": [],
-            "key": format!("{{\"id\":{id}}}"), "payload": value.to_string()});
+            "tstype": "create", "ts": 1_732_528_800_200u64 + offset as u64, "broker": 1,
+            "headers": [], "key": format!("{{\"id\":{id}}}"), "payload": value.to_string()});
         serde_json::to_writer(&mut out, &line)?;
         out.write_all(b"\n")?;
     }
