@@ -12,7 +12,10 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use std::path::Path;
+#[path = "../tests/common/checkout.rs"]
+mod checkout;
+use checkout::root;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,10 +28,6 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use support::{env_number, order_changes, peak_rss_kib};
 
 const PARTITIONS: i32 = 12;
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn producer(bootstrap: &str) -> ThreadedProducer<DefaultProducerContext> {
     ClientConfig::new()

@@ -9,6 +9,10 @@
 #[path = "support/mod.rs"]
 mod support;
 
+#[path = "../tests/common/checkout.rs"]
+mod checkout;
+use checkout::root;
+
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
@@ -52,7 +56,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         started.elapsed().as_secs_f64()
     );
 
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = root();
     let started = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_cdcflow"))
         .current_dir(root)

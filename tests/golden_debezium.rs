@@ -5,7 +5,9 @@
 //! examples in the Debezium connector documentation. The descriptions say how each record was
 //! produced and, for the schema-wrapped update, which converted values to expect.
 
-use std::path::Path;
+#[path = "common/checkout.rs"]
+mod checkout;
+use checkout::root;
 
 use serde_json::{Map, Value, json};
 
@@ -15,9 +17,7 @@ use cdcflow::cdc::{
 use cdcflow::engine::{Connector, Version, VersionSource, VersionSpec};
 
 fn fixture(name: &str) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/debezium")
-        .join(name);
+    let path = root().join("tests/fixtures/debezium").join(name);
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|error| panic!("{}: {error}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|error| panic!("{}: {error}", path.display()))

@@ -1,14 +1,14 @@
 //! End-to-end tests of the `cdcflow` binary: `replay` on the example files, `check`, and the
 //! JSON Schemas validated against real outputs.
 
+#[path = "common/checkout.rs"]
+mod checkout;
+use checkout::root;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use serde_json::{Value, json};
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn cdcflow() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_cdcflow"));

@@ -3,6 +3,10 @@
 //! console consumer (a client other than librdkafka) with read_committed.
 #![allow(dead_code, unreachable_pub)]
 
+#[path = "../common/checkout.rs"]
+mod checkout;
+pub use checkout::root;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,10 +21,6 @@ use serde_json::Value;
 
 /// An input record: topic, key, value.
 pub type Record = (String, Option<Vec<u8>>, Option<Vec<u8>>);
-
-pub fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// The broker under test. Missing is a failure, never a skip.
 pub fn bootstrap() -> String {
