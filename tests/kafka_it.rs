@@ -358,6 +358,95 @@ fn bad_records_go_to_the_dlq_and_processing_goes_on() {
     assert_no_hanging_transaction(&order_topics(&scenario).0);
 }
 
+/// Outputs the broker refuses for their size (topics with a `max.message.bytes` below
+/// `limits.max_output_bytes`): the batch is aborted, the record goes to the DLQ with
+/// `output_refused` (without its original value when the DLQ topic refuses that too), and
+/// every other record is processed exactly once.
+#[test]
+fn outputs_refused_by_the_broker_go_to_the_dlq() {
+    let scenario = Scenario::new("refused", "exactly_once", 1);
+    let events_topic = scenario.topic("shop.customer-events");
+    let dlq_topic = scenario.topic("dlq.customers");
+    create_topics_with_configs(&[
+        (&events_topic, 1, &[("max.message.bytes", "4096")]),
+        (&dlq_topic, 1, &[("max.message.bytes", "12000")]),
+    ]);
+    let records = scenario.example_records();
+    let customer_topic = scenario.topic("shop.public.customers");
+    let template = records
+        .iter()
+        .find(|(topic, _, value)| {
+            *topic == customer_topic
+                && value
+                    .as_deref()
+                    .is_some_and(|v| String::from_utf8_lossy(v).contains("alan@example.com"))
+        })
+        .cloned()
+        .expect("the example creates customer 8");
+    // Customer 20's event (~5 KB) is over the event topic's limit, its DLQ record (~8 KB)
+    // is not; customer 21's DLQ record (~13 KB) is over the DLQ topic's limit too.
+    let oversized = |id: u64, email_bytes: usize| -> Record {
+        let text = |bytes: &Option<Vec<u8>>| String::from_utf8(bytes.clone().unwrap()).unwrap();
+        let email = format!("{}@example.com", "a".repeat(email_bytes));
+        (
+            customer_topic.clone(),
+            Some(
+                text(&template.1)
+                    .replace("\"id\":8}", &format!("\"id\":{id}}}"))
+                    .into_bytes(),
+            ),
+            Some(
+                text(&template.2)
+                    .replace("\"id\":8,", &format!("\"id\":{id},"))
+                    .replace("alan@example.com", &email)
+                    .into_bytes(),
+            ),
+        )
+    };
+    let refused = [oversized(20, 4_500), oversized(21, 9_000)];
+    let (orders, customers): (Vec<Record>, Vec<Record>) = records
+        .into_iter()
+        .partition(|(topic, _, _)| *topic != customer_topic);
+    let mut input = orders;
+    let mut customer_input = customers.clone();
+    customer_input.insert(1, refused[0].clone());
+    customer_input.insert(3, refused[1].clone());
+    let refused_offsets = ["1", "3"];
+    input.extend(customer_input);
+    produce(&input);
+    let mut oracle_input = input.clone();
+    oracle_input.retain(|record| !refused.contains(record));
+    let expected = expected_events(&scenario.config, &oracle_input);
+
+    let service = scenario.start("run.log");
+    let dlq = wait_for(&dlq_topic, 2, Duration::from_secs(90));
+    let actual = read_events(&scenario, 8, 5);
+    let status = service.stop(Duration::from_secs(30));
+    assert!(status.success(), "cdcflow exited with {status}");
+    assert_exactly(&actual, &expected);
+    assert_eq!(dlq.len(), 2, "{dlq:#?}");
+    for (record, offset) in dlq.iter().zip(refused_offsets) {
+        assert_eq!(record.headers["cdcflow.error.reason"], "output_refused");
+        assert_eq!(record.headers["cdcflow.error.stage"], "output");
+        assert_eq!(record.headers["cdcflow.origin.offset"], offset);
+        assert!(
+            record.headers["cdcflow.error.message"].contains(&events_topic),
+            "{:?}",
+            record.headers
+        );
+    }
+    assert_eq!(
+        dlq[0].value.as_bytes(),
+        refused[0].2.as_deref().unwrap(),
+        "the first dead letter keeps the original value"
+    );
+    assert_eq!(dlq[1].value, "null", "the second dead letter drops it");
+    assert!(dlq[1].headers.contains_key("cdcflow.value.dropped"));
+    let log = std::fs::read_to_string(scenario.dir.path().join("run.log")).unwrap();
+    assert!(log.contains("refused"), "the refusal is logged: {log}");
+    assert_no_hanging_transaction(&events_topic);
+}
+
 /// Deleting the local SQLite store between runs loses nothing: state comes back from the
 /// changelog, transitions after the restart see the old image, nothing is emitted twice.
 #[test]

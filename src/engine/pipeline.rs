@@ -234,13 +234,25 @@ impl Pipeline {
         failure: &RecordFailure,
         now_ms: i64,
     ) -> OutputRecord {
+        self.dead_letter_within(record, failure, now_ms, self.settings.max_output_bytes)
+    }
+
+    /// The DLQ record for a record that failed, dropping the original value (then key) when
+    /// the record would exceed `max_bytes`.
+    pub fn dead_letter_within(
+        &self,
+        record: &RawRecord,
+        failure: &RecordFailure,
+        now_ms: i64,
+        max_bytes: usize,
+    ) -> OutputRecord {
         output::dead_letter(
             &self.settings.dlq_topic,
             &self.settings.name,
             record,
             failure,
             now_ms,
-            self.settings.max_output_bytes,
+            max_bytes,
         )
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::metadata::Metadata;
@@ -23,6 +23,9 @@ pub(super) struct Topology {
     pub inputs: Vec<String>,
     /// Per pipeline (by index): its changelog topic.
     pub changelogs: Vec<String>,
+    /// The smallest `max.message.bytes` among the topics cdcflow writes, if any is known: the
+    /// producer's batches must stay under it (see [`clients::producer`]).
+    pub smallest_max_message_bytes: Option<usize>,
 }
 
 /// Waits for the broker (retrying with capped backoff), then creates or validates topics.
@@ -125,10 +128,60 @@ pub(super) fn prepare(
     if !to_create.is_empty() {
         create_topics(kafka, &to_create, runtime)?;
     }
+    let written: BTreeSet<&str> = changelogs
+        .iter()
+        .map(String::as_str)
+        .chain(pipelines.iter().flat_map(|(_, pipeline)| {
+            let settings = pipeline.settings();
+            settings
+                .rules
+                .specs()
+                .map(|rule| rule.topic.as_str())
+                .chain([settings.dlq_topic.as_str()])
+                .chain(settings.audit_topic.as_deref())
+        }))
+        .collect();
+    let smallest_max_message_bytes = smallest_max_message_bytes(kafka, &written, runtime)?;
     Ok(Some(Topology {
         inputs: inputs.into_iter().collect(),
         changelogs,
+        smallest_max_message_bytes,
     }))
+}
+
+/// The smallest `max.message.bytes` of `topics`. The broker applies the limit to a whole
+/// record batch, so the producer's `batch.size` must not exceed it: otherwise small records
+/// batched together are refused as one, and only a record that is itself too large should be.
+fn smallest_max_message_bytes(
+    kafka: &KafkaConfig,
+    topics: &BTreeSet<&str>,
+    runtime: &tokio::runtime::Handle,
+) -> Result<Option<usize>, ServiceError> {
+    let admin: AdminClient<DefaultClientContext> = clients::admin(kafka)
+        .create()
+        .map_err(kafka_error("cannot create the Kafka admin client"))?;
+    let resources: Vec<ResourceSpecifier<'_>> = topics
+        .iter()
+        .map(|topic| ResourceSpecifier::Topic(topic))
+        .collect();
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    let results = runtime
+        .block_on(admin.describe_configs(resources.iter(), &options))
+        .map_err(kafka_error("cannot describe the output topics"))?;
+    let mut smallest: Option<usize> = None;
+    for result in results {
+        let resource = result.map_err(|code| {
+            ServiceError::Topology(format!("cannot describe an output topic's config: {code}"))
+        })?;
+        let limit = resource
+            .get("max.message.bytes")
+            .and_then(|entry| entry.value.as_deref())
+            .and_then(|value| value.parse::<usize>().ok());
+        if let Some(limit) = limit {
+            smallest = Some(smallest.map_or(limit, |current| current.min(limit)));
+        }
+    }
+    Ok(smallest)
 }
 
 fn wait_for_metadata(

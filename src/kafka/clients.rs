@@ -52,9 +52,30 @@ pub(super) fn restore_consumer(kafka: &KafkaConfig) -> ClientConfig {
     config
 }
 
+/// librdkafka's default `batch.size`.
+const DEFAULT_BATCH_BYTES: usize = 1_000_000;
+
+/// Room for the record batch header and per-record framing.
+const BATCH_FRAMING_BYTES: usize = 1_024;
+
 /// The producer: transactional (exactly-once) or idempotent (at-least-once), bounded queue.
-pub(super) fn producer(kafka: &KafkaConfig, transactional_id: &str) -> ClientConfig {
+/// Its batches stay under `smallest_max_message_bytes` (the smallest `max.message.bytes` of
+/// the topics it writes), so the broker refuses only records that are too large themselves.
+pub(super) fn producer(
+    kafka: &KafkaConfig,
+    transactional_id: &str,
+    smallest_max_message_bytes: Option<usize>,
+) -> ClientConfig {
     let mut config = base(kafka);
+    let batch_bytes = kafka
+        .producer
+        .get("batch.size")
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(DEFAULT_BATCH_BYTES)
+        .min(smallest_max_message_bytes.map_or(usize::MAX, |limit| {
+            limit.saturating_sub(BATCH_FRAMING_BYTES)
+        }))
+        .max(BATCH_FRAMING_BYTES);
     config
         .set("enable.idempotence", "true")
         .set("queue.buffering.max.kbytes", "65536")
@@ -68,6 +89,7 @@ pub(super) fn producer(kafka: &KafkaConfig, transactional_id: &str) -> ClientCon
     for (key, value) in &kafka.producer {
         config.set(key, value);
     }
+    config.set("batch.size", batch_bytes.to_string());
     config
 }
 

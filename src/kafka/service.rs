@@ -26,9 +26,11 @@ use super::restore::ChangelogRestorer;
 use super::{ServiceError, clients, kafka_error};
 use crate::cdc::{Header, RawRecord};
 use crate::config::{DeliveryConfig, KafkaConfig};
-use crate::engine::OutputRecord;
+use crate::engine::{OutputKind, OutputRecord, RecordFailure, Stage};
 use crate::metrics::Tally;
-use crate::runtime::{BatchOutcome, BatchProcessor, SharedPipelines, StateCache, now_ms};
+use crate::runtime::{
+    BatchOutcome, BatchProcessor, Refusal, Refusals, SharedPipelines, StateCache, now_ms,
+};
 use crate::store::{Checkpoint, StateStore, StateWrite, StoreError, changelog};
 
 /// Settings of the service beyond the pipelines.
@@ -197,7 +199,42 @@ type ChangelogOffset = ((String, i32), i64);
 enum BatchFailure {
     /// Abort (if a transaction is open), rewind to the committed offsets, try again.
     Retry(String),
+    /// Outputs the producer or the broker refused as too large (by index in the batch's
+    /// outputs): their records go to the DLQ on the next attempt.
+    Refused(Vec<RefusedOutput>),
     Fatal(ServiceError),
+}
+
+/// One output refused for its size.
+struct RefusedOutput {
+    index: usize,
+    error: RDKafkaErrorCode,
+}
+
+/// Whether a produce error says the record itself is too large. The producer's `batch.size`
+/// stays under every written topic's `max.message.bytes`, so the broker refuses a batch only
+/// for a record that is too large on its own.
+fn is_size_refusal(error: &KafkaError) -> Option<RDKafkaErrorCode> {
+    match error {
+        KafkaError::MessageProduction(
+            code @ (RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge),
+        ) => Some(*code),
+        _ => None,
+    }
+}
+
+/// Deliveries in flight for one batch.
+#[derive(Default)]
+struct Deliveries {
+    /// (output index, or `None` for a changelog record; topic; partition; delivery).
+    pending: Vec<(
+        Option<usize>,
+        String,
+        i32,
+        rdkafka::producer::DeliveryFuture,
+    )>,
+    /// Outputs the producer refused before sending them.
+    refused: Vec<RefusedOutput>,
 }
 
 fn classify(context: &str, error: KafkaError, transactional_id: &str) -> BatchFailure {
@@ -253,9 +290,13 @@ pub fn run_service<S: StateStore>(
     let transactional_id = format!("{}-{}", kafka.group_id, instance);
     let exactly_once = kafka.delivery == DeliveryConfig::ExactlyOnce;
 
-    let producer: FutureProducer = clients::producer(kafka, &transactional_id)
-        .create()
-        .map_err(kafka_error("cannot create the Kafka producer"))?;
+    let producer: FutureProducer = clients::producer(
+        kafka,
+        &transactional_id,
+        topology.smallest_max_message_bytes,
+    )
+    .create()
+    .map_err(kafka_error("cannot create the Kafka producer"))?;
     if exactly_once {
         // Fences this instance's previous incarnation and aborts its open transaction, before
         // any state is restored.
@@ -304,6 +345,7 @@ pub fn run_service<S: StateStore>(
             .collect(),
         unsaved: HashMap::new(),
         checkpoints: HashMap::new(),
+        refusals: Refusals::new(),
         unsaved_records: 0,
         tally: Tally::default(),
         last_report: Instant::now(),
@@ -394,6 +436,8 @@ struct Worker<'a, S: StateStore> {
     unsaved: HashMap<(String, String), StateWrite>,
     /// The last committed changelog offset per changelog partition.
     checkpoints: HashMap<(String, i32), i64>,
+    /// Records of the current batch whose outputs were refused for their size.
+    refusals: Refusals,
     unsaved_records: usize,
     tally: Tally,
     last_report: Instant,
@@ -410,6 +454,15 @@ impl<S: StateStore> Worker<'_, S> {
             match self.process_batch(records) {
                 Ok(()) => attempts = 0,
                 Err(BatchFailure::Fatal(error)) => return Err(error),
+                // Each refusal sends one more record (or a smaller DLQ record) to the DLQ, so
+                // these retries end; they do not count against the attempts.
+                Err(BatchFailure::Refused(refused)) => {
+                    tracing::warn!(
+                        outputs = refused.len(),
+                        "outputs refused as too large; their records go to the DLQ, retrying the batch"
+                    );
+                    self.rewind()?;
+                }
                 Err(BatchFailure::Retry(reason)) => {
                     attempts += 1;
                     if attempts >= MAX_BATCH_ATTEMPTS {
@@ -513,9 +566,21 @@ impl<S: StateStore> Worker<'_, S> {
                 // would gate against older ones.
                 self.flush_store().map_err(BatchFailure::Fatal)?;
                 self.clear_caches();
+                if let BatchFailure::Refused(refused) = &failure {
+                    self.learn_refusals(&outcome, refused)
+                        .map_err(BatchFailure::Fatal)?;
+                }
                 return Err(failure);
             }
         };
+        self.refusals.retain(|(_, origin), _| {
+            offsets
+                .find_partition(&origin.topic, origin.partition)
+                .is_none_or(|next| match next.offset() {
+                    Offset::Offset(next) => origin.offset >= next,
+                    _ => true,
+                })
+        });
         for ((topic, partition), offset) in changelog_offsets {
             let slot = self.checkpoints.entry((topic, partition)).or_insert(offset);
             *slot = (*slot).max(offset);
@@ -548,7 +613,7 @@ impl<S: StateStore> Worker<'_, S> {
         for record in records {
             by_lane[record.partition.unsigned_abs() as usize % lanes].push(record);
         }
-        let processor = BatchProcessor::new(self.pipelines);
+        let processor = BatchProcessor::new(self.pipelines).with_refusals(&self.refusals);
         let (store, runtime, now) = (self.store.as_ref(), self.runtime, now_ms());
         let results: Vec<Result<(BatchOutcome, Tally), StoreError>> = std::thread::scope(|scope| {
             let handles: Vec<_> = by_lane
@@ -580,8 +645,7 @@ impl<S: StateStore> Worker<'_, S> {
         let mut tally = Tally::default();
         for result in results {
             let (outcome, lane_tally) = result?;
-            merged.outputs.extend(outcome.outputs);
-            merged.writes.extend(outcome.writes);
+            merged.append(outcome);
             tally.merge(lane_tally);
         }
         Ok((merged, tally))
@@ -607,9 +671,16 @@ impl<S: StateStore> Worker<'_, S> {
         self.producer
             .begin_transaction()
             .map_err(|error| classify("begin_transaction", error, id))?;
-        let sent = self
+        let mut in_flight = None;
+        let committed = self
             .send_all(outputs, changelog_records)
-            .and_then(|changelog_futures| {
+            .and_then(|deliveries| {
+                let deliveries = in_flight.insert(deliveries);
+                if !deliveries.refused.is_empty() {
+                    return Err(BatchFailure::Retry(
+                        "the producer refused an output as too large".to_owned(),
+                    ));
+                }
                 let metadata = self.consumer.group_metadata().ok_or_else(|| {
                     BatchFailure::Fatal(ServiceError::Topology(
                         "the consumer has no group metadata".to_owned(),
@@ -625,10 +696,10 @@ impl<S: StateStore> Worker<'_, S> {
                 self.producer
                     .commit_transaction(self.options.kafka.transaction_timeout * 2)
                     .map_err(|error| classify("commit_transaction", error, id))?;
-                Ok(changelog_futures)
+                Ok(())
             });
-        match sent {
-            Ok(futures) => self.await_changelog(futures),
+        match committed {
+            Ok(()) => self.await_deliveries(in_flight.unwrap_or_default()),
             Err(BatchFailure::Retry(reason)) => {
                 self.producer
                     .abort_transaction(self.options.kafka.transaction_timeout * 2)
@@ -637,10 +708,20 @@ impl<S: StateStore> Worker<'_, S> {
                         BatchFailure::Retry(again) => BatchFailure::Fatal(ServiceError::Topology(
                             format!("abort_transaction failed: {again}"),
                         )),
+                        BatchFailure::Refused(_) => BatchFailure::Fatal(ServiceError::Topology(
+                            "abort_transaction failed".to_owned(),
+                        )),
                     })?;
-                Err(BatchFailure::Retry(reason))
+                // After the abort every delivery has its report: refusals among them say
+                // which records go to the DLQ on the next attempt.
+                match in_flight.map(|deliveries| self.await_deliveries(deliveries)) {
+                    Some(Err(BatchFailure::Refused(refused))) => {
+                        Err(BatchFailure::Refused(refused))
+                    }
+                    _ => Err(BatchFailure::Retry(reason)),
+                }
             }
-            Err(fatal) => Err(fatal),
+            Err(other) => Err(other),
         }
     }
 
@@ -651,25 +732,28 @@ impl<S: StateStore> Worker<'_, S> {
         changelog_records: &[(usize, &StateWrite)],
         offsets: &TopicPartitionList,
     ) -> Result<Vec<ChangelogOffset>, BatchFailure> {
-        let output_futures = self.send_all(outputs, &[])?;
-        self.await_changelog(output_futures)?;
-        let changelog_futures = self.send_all(&[], changelog_records)?;
-        let changelog_offsets = self.await_changelog(changelog_futures)?;
+        let output_deliveries = self.send_all(outputs, &[])?;
+        self.await_deliveries(output_deliveries)?;
+        let changelog_deliveries = self.send_all(&[], changelog_records)?;
+        let changelog_offsets = self.await_deliveries(changelog_deliveries)?;
         self.consumer
             .commit(offsets, CommitMode::Sync)
             .map_err(|error| classify("commit offsets", error, self.transactional_id))?;
         Ok(changelog_offsets)
     }
 
-    /// Sends outputs and changelog records; returns the delivery futures of what was sent
-    /// (outputs too in at-least-once mode, where each must be awaited).
+    /// Sends outputs and changelog records; returns what is in flight and what the producer
+    /// refused as too large.
     fn send_all(
         &self,
         outputs: &[OutputRecord],
         changelog_records: &[(usize, &StateWrite)],
-    ) -> Result<Vec<(String, i32, rdkafka::producer::DeliveryFuture)>, BatchFailure> {
-        let mut futures = Vec::with_capacity(outputs.len() + changelog_records.len());
-        for output in outputs {
+    ) -> Result<Deliveries, BatchFailure> {
+        let mut deliveries = Deliveries {
+            pending: Vec::with_capacity(outputs.len() + changelog_records.len()),
+            refused: Vec::new(),
+        };
+        for (index, output) in outputs.iter().enumerate() {
             let mut headers = OwnedHeaders::new_with_capacity(output.headers.len());
             for (name, value) in &output.headers {
                 headers = headers.insert(KafkaHeader {
@@ -685,7 +769,17 @@ impl<S: StateStore> Worker<'_, S> {
             if let Some(value) = &output.value {
                 record = record.payload(value);
             }
-            futures.push((output.topic.clone(), -1, self.send(record)?));
+            match self.send(record) {
+                Ok(future) => {
+                    deliveries
+                        .pending
+                        .push((Some(index), output.topic.clone(), -1, future));
+                }
+                Err(SendError::Refused(error)) => {
+                    deliveries.refused.push(RefusedOutput { index, error });
+                }
+                Err(SendError::Failed(failure)) => return Err(failure),
+            }
         }
         for (pipeline, write) in changelog_records {
             let topic = &self.topology.changelogs[*pipeline];
@@ -694,15 +788,24 @@ impl<S: StateStore> Worker<'_, S> {
                 .partition(write.partition)
                 .key(write.entity.as_bytes())
                 .payload(&value[..]);
-            futures.push((topic.clone(), write.partition, self.send(record)?));
+            let future = self.send(record).map_err(|error| match error {
+                SendError::Failed(failure) => failure,
+                SendError::Refused(code) => BatchFailure::Retry(format!(
+                    "a changelog record of `{topic}` was refused: {code}; raise the topic's \
+                     max.message.bytes above the largest row image"
+                )),
+            })?;
+            deliveries
+                .pending
+                .push((None, topic.clone(), write.partition, future));
         }
-        Ok(futures)
+        Ok(deliveries)
     }
 
     fn send(
         &self,
         mut record: FutureRecord<'_, [u8], [u8]>,
-    ) -> Result<rdkafka::producer::DeliveryFuture, BatchFailure> {
+    ) -> Result<rdkafka::producer::DeliveryFuture, SendError> {
         // A full producer queue is back-pressure: wait for deliveries, bounded.
         let deadline = Instant::now() + self.options.kafka.transaction_timeout;
         loop {
@@ -714,37 +817,109 @@ impl<S: StateStore> Worker<'_, S> {
                     record = returned;
                     std::thread::sleep(Duration::from_millis(5));
                 }
-                Err((error, _)) => return Err(classify("produce", error, self.transactional_id)),
+                Err((error, _)) => {
+                    return Err(match is_size_refusal(&error) {
+                        Some(code) => SendError::Refused(code),
+                        None => {
+                            SendError::Failed(classify("produce", error, self.transactional_id))
+                        }
+                    });
+                }
             }
         }
     }
 
-    /// Waits for deliveries; returns the changelog offsets (entries with a partition).
-    fn await_changelog(
+    /// Waits for every delivery; returns the changelog offsets, or the refused outputs, or
+    /// the first other failure.
+    fn await_deliveries(
         &self,
-        futures: Vec<(String, i32, rdkafka::producer::DeliveryFuture)>,
+        deliveries: Deliveries,
     ) -> Result<Vec<ChangelogOffset>, BatchFailure> {
         let mut offsets = Vec::new();
-        for (topic, partition, future) in futures {
+        let mut refused = deliveries.refused;
+        let mut failure = None;
+        for (output, topic, partition, future) in deliveries.pending {
             match self.runtime.block_on(future) {
                 Ok(Ok(delivery)) => {
-                    if partition >= 0 {
+                    if output.is_none() {
                         offsets.push(((topic, delivery.partition), delivery.offset));
                     }
                 }
-                Ok(Err((error, _))) => {
-                    return Err(BatchFailure::Retry(format!(
-                        "delivery to `{topic}` failed: {error}"
-                    )));
-                }
+                Ok(Err((error, _))) => match (output, is_size_refusal(&error)) {
+                    (Some(index), Some(error)) => refused.push(RefusedOutput { index, error }),
+                    _ => {
+                        failure.get_or_insert_with(|| {
+                            format!("delivery to `{topic}` (partition {partition}) failed: {error}")
+                        });
+                    }
+                },
                 Err(_) => {
-                    return Err(BatchFailure::Retry(format!(
-                        "delivery to `{topic}` was cancelled"
-                    )));
+                    failure.get_or_insert_with(|| format!("delivery to `{topic}` was cancelled"));
                 }
             }
         }
-        Ok(offsets)
+        if !refused.is_empty() {
+            return Err(BatchFailure::Refused(refused));
+        }
+        match failure {
+            Some(reason) => Err(BatchFailure::Retry(reason)),
+            None => Ok(offsets),
+        }
+    }
+
+    /// Remembers which records' outputs were refused, so the next attempt sends them to the
+    /// DLQ; a DLQ record refused once is sent again without the original key and value, and
+    /// refused again it stops the service (the DLQ topic cannot take even the headers).
+    fn learn_refusals(
+        &mut self,
+        outcome: &BatchOutcome,
+        refused: &[RefusedOutput],
+    ) -> Result<(), ServiceError> {
+        for RefusedOutput { index, error } in refused {
+            let (Some(output), Some((pipeline, origin))) = (
+                outcome.outputs.get(*index),
+                outcome.output_origins.get(*index),
+            ) else {
+                continue;
+            };
+            let topic = &output.topic;
+            let size = output.size();
+            let slot = self.refusals.entry((*pipeline, origin.clone()));
+            match output.kind {
+                OutputKind::DeadLetter => {
+                    let refusal = slot.or_insert(Refusal {
+                        failure: None,
+                        strip_dead_letter: false,
+                    });
+                    if refusal.strip_dead_letter {
+                        return Err(ServiceError::Topology(format!(
+                            "the DLQ topic `{topic}` refused the dead letter of {origin} even \
+                             without its original key and value ({size} bytes): {error}; \
+                             raise max.message.bytes on `{topic}`"
+                        )));
+                    }
+                    refusal.strip_dead_letter = true;
+                }
+                OutputKind::Event | OutputKind::Audit => {
+                    tracing::warn!(%origin, %topic, size, %error, "output refused as too large; the record goes to the DLQ");
+                    let refusal = slot.or_insert(Refusal {
+                        failure: None,
+                        strip_dead_letter: false,
+                    });
+                    refusal.failure.get_or_insert_with(|| RecordFailure {
+                        stage: Stage::Output,
+                        reason: "output_refused",
+                        message: format!(
+                            "`{topic}` refused this record's {} ({size} bytes): {error}; \
+                             raise max.message.bytes on `{topic}` or set \
+                             limits.max_output_bytes below it",
+                            output.kind.as_str()
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Positions every assigned partition at its committed offset.
@@ -803,6 +978,13 @@ impl<S: StateStore> Worker<'_, S> {
             .block_on(self.store.save(writes, checkpoints))?;
         Ok(())
     }
+}
+
+/// Why one record could not be handed to the producer.
+enum SendError {
+    /// Too large for the producer's `message.max.bytes`.
+    Refused(RDKafkaErrorCode),
+    Failed(BatchFailure),
 }
 
 /// The offset after the last record of each partition in the batch.

@@ -2,9 +2,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::cdc::RawRecord;
+use crate::cdc::{Origin, RawRecord};
 use crate::config::TopicRoute;
-use crate::engine::{DecodeOutcome, EntityState, OutputRecord, Pipeline};
+use crate::engine::{DecodeOutcome, EntityState, OutputRecord, Pipeline, RecordFailure};
 use crate::metrics::Tally;
 use crate::store::{StateStore, StateWrite, StoreError};
 
@@ -44,9 +44,43 @@ impl StateCache {
 #[derive(Debug, Default)]
 pub struct BatchOutcome {
     pub outputs: Vec<OutputRecord>,
+    /// For each of `outputs`, the pipeline (index) and the input record it came from.
+    pub output_origins: Vec<(usize, Origin)>,
     /// The final state of every entity the batch changed.
     pub writes: Vec<StateWrite>,
 }
+
+impl BatchOutcome {
+    /// Records `record` as the origin of the outputs pushed since `from`.
+    fn note_origins(&mut self, from: usize, pipeline: usize, record: &RawRecord) {
+        let added = self.outputs.len() - from;
+        if added > 0 {
+            let origin = record.origin();
+            self.output_origins
+                .extend(std::iter::repeat_n((pipeline, origin), added));
+        }
+    }
+
+    /// Appends another lane's outcome.
+    pub fn append(&mut self, other: BatchOutcome) {
+        self.outputs.extend(other.outputs);
+        self.output_origins.extend(other.output_origins);
+        self.writes.extend(other.writes);
+    }
+}
+
+/// A record whose output a broker refused for its size, for the next attempt at its batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Set when an event or audit record was refused: the record is not applied but goes to
+    /// the DLQ with this failure. `None` when only its DLQ record was refused.
+    pub failure: Option<RecordFailure>,
+    /// The broker refused the record's DLQ record: send it without the original key and value.
+    pub strip_dead_letter: bool,
+}
+
+/// Refused records by pipeline index and origin.
+pub type Refusals = HashMap<(usize, Origin), Refusal>;
 
 /// A decoded slice of a batch: (record index, pipeline index, outcome) items and the number
 /// of records no pipeline reads.
@@ -75,11 +109,21 @@ impl DecodedBatch {
 #[derive(Debug)]
 pub struct BatchProcessor<'p> {
     pipelines: &'p [(TopicRoute, Pipeline)],
+    refusals: Option<&'p Refusals>,
 }
 
 impl<'p> BatchProcessor<'p> {
     pub fn new(pipelines: &'p [(TopicRoute, Pipeline)]) -> BatchProcessor<'p> {
-        BatchProcessor { pipelines }
+        BatchProcessor {
+            pipelines,
+            refusals: None,
+        }
+    }
+
+    /// Sends the records in `refusals` to the DLQ instead of applying them.
+    pub fn with_refusals(mut self, refusals: &'p Refusals) -> BatchProcessor<'p> {
+        self.refusals = Some(refusals).filter(|refusals| !refusals.is_empty());
+        self
     }
 
     /// Routes and decodes records. Needs no state, so it can run ahead on another thread.
@@ -143,6 +187,24 @@ impl<'p> BatchProcessor<'p> {
             let record = &batch.records[record_index];
             let pipeline = &self.pipelines[pipeline_index].1;
             let counts = tally.pipeline(pipeline_index, pipeline.name());
+            let outputs_before = outcome.outputs.len();
+            let refusal = self
+                .refusals
+                .and_then(|refusals| refusals.get(&(pipeline_index, record.origin())));
+            let dead_letter = |failure: &RecordFailure| {
+                let max_bytes = if refusal.is_some_and(|refusal| refusal.strip_dead_letter) {
+                    0
+                } else {
+                    pipeline.settings().max_output_bytes
+                };
+                pipeline.dead_letter_within(record, failure, now_ms, max_bytes)
+            };
+            if let Some(failure) = refusal.and_then(|refusal| refusal.failure.as_ref()) {
+                counts.count_dlq(failure.reason);
+                outcome.outputs.push(dead_letter(failure));
+                outcome.note_origins(outputs_before, pipeline_index, record);
+                continue;
+            }
             let change = match decoded {
                 DecodeOutcome::Change(change) => change,
                 DecodeOutcome::Skip(reason) => {
@@ -151,9 +213,8 @@ impl<'p> BatchProcessor<'p> {
                 }
                 DecodeOutcome::Failed(failure) => {
                     counts.count_dlq(failure.reason);
-                    outcome
-                        .outputs
-                        .push(pipeline.dead_letter(record, &failure, now_ms));
+                    outcome.outputs.push(dead_letter(&failure));
+                    outcome.note_origins(outputs_before, pipeline_index, record);
                     continue;
                 }
             };
@@ -177,11 +238,10 @@ impl<'p> BatchProcessor<'p> {
                 }
                 Err(failure) => {
                     counts.count_dlq(failure.reason);
-                    outcome
-                        .outputs
-                        .push(pipeline.dead_letter(record, &failure, now_ms));
+                    outcome.outputs.push(dead_letter(&failure));
                 }
             }
+            outcome.note_origins(outputs_before, pipeline_index, record);
         }
         outcome.writes = dirty
             .into_iter()

@@ -9,7 +9,7 @@ mod batch;
 mod kcat;
 mod replay;
 
-pub use batch::{BatchOutcome, BatchProcessor, DecodedBatch, StateCache};
+pub use batch::{BatchOutcome, BatchProcessor, DecodedBatch, Refusal, Refusals, StateCache};
 pub use kcat::{KcatLineError, parse_kcat_line, write_output_line};
 pub use replay::{ReplayError, ReplayOptions, SharedPipelines, replay};
 

@@ -54,14 +54,31 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A topic to create: name, partitions, topic-level configs.
+pub type TopicSpec<'a> = (&'a str, i32, &'a [(&'a str, &'a str)]);
+
 pub fn create_topics(topics: &[(&str, i32)]) {
+    let plain: Vec<TopicSpec<'_>> = topics
+        .iter()
+        .map(|(name, partitions)| (*name, *partitions, &[][..]))
+        .collect();
+    create_topics_with_configs(&plain);
+}
+
+/// Creates topics with topic-level configs (name, partitions, configs).
+pub fn create_topics_with_configs(topics: &[TopicSpec<'_>]) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap())
         .create()
         .expect("admin client");
     let new: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
+        .map(|(name, partitions, configs)| {
+            configs.iter().fold(
+                NewTopic::new(name, *partitions, TopicReplication::Fixed(1)),
+                |topic, (key, value)| topic.set(key, value),
+            )
+        })
         .collect();
     let results = runtime()
         .block_on(admin.create_topics(new.iter(), &AdminOptions::new()))
