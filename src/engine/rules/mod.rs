@@ -11,6 +11,7 @@
 //! - `changed`: the names of the fields whose value differs between `old` and `after` (a
 //!   missing image counts as all nulls), so `'status' in changed` reads "status changed".
 
+mod native;
 mod references;
 
 use std::collections::HashMap;
@@ -21,6 +22,7 @@ use cel::{Context, Env, Program, Value as CelValue};
 use serde_json::{Map, Value};
 use thiserror::Error;
 
+use native::{Native, Scope};
 use references::{References, Use};
 
 pub(crate) const VARIABLES: [&str; 8] = [
@@ -75,6 +77,8 @@ pub struct RuleError {
 struct CompiledExpression {
     source: String,
     program: Program,
+    /// The same expression for the direct evaluator, when it lies in its subset.
+    native: Option<Native>,
 }
 
 #[derive(Debug)]
@@ -247,7 +251,6 @@ impl CompiledRules {
         if self.rules.is_empty() {
             return Ok(Vec::new());
         }
-        let mut context = Context::with_env(Arc::clone(&self.env));
         // A delete's `before` holds only the key columns under Postgres' default replica
         // identity, so for deletes the stored image is the better old image.
         let old = if input.op == "d" {
@@ -255,6 +258,95 @@ impl CompiledRules {
         } else {
             input.before.or(input.previous)
         };
+        let scope = Scope {
+            op: input.op,
+            before: input.before,
+            after: input.after,
+            previous: input.previous,
+            old,
+            key: input.key,
+            source: input.source,
+        };
+        // The CEL context is built only if an expression needs the interpreter.
+        let mut context = None;
+        let mut fired = Vec::new();
+        for rule in &self.rules {
+            let error = |part: &str, message: String| RuleError {
+                rule: rule.spec.name.clone(),
+                part: part.to_owned(),
+                message,
+            };
+            let fires = match rule.when.native.as_ref().and_then(|n| n.condition(&scope)) {
+                Some(fires) => fires,
+                None => {
+                    let context = context.get_or_insert_with(|| self.context(input, old));
+                    match rule.when.program.execute(context) {
+                        Ok(CelValue::Bool(fires)) => fires,
+                        Ok(other) => {
+                            return Err(error(
+                                "when",
+                                format!(
+                                    "`{}` evaluated to {:?}, expected a boolean",
+                                    rule.when.source, other
+                                ),
+                            ));
+                        }
+                        Err(failure) => {
+                            return Err(error(
+                                "when",
+                                format!("`{}`: {failure}", rule.when.source),
+                            ));
+                        }
+                    }
+                }
+            };
+            if !fires {
+                continue;
+            }
+            let mut value_of = |expression: &CompiledExpression| match expression
+                .native
+                .as_ref()
+                .and_then(|n| n.json(&scope))
+            {
+                Some(value) => Ok(value),
+                None => evaluate_to_json(
+                    expression,
+                    context.get_or_insert_with(|| self.context(input, old)),
+                ),
+            };
+            let data = match &rule.payload {
+                CompiledPayload::Row => input
+                    .after
+                    .or(input.before)
+                    .map_or(Value::Null, |row| Value::Object(row.clone())),
+                CompiledPayload::Expression(expression) => {
+                    value_of(expression).map_err(|m| error("payload", m))?
+                }
+                CompiledPayload::Fields(fields) => {
+                    let mut data = Map::new();
+                    for (name, expression) in fields {
+                        let value = value_of(expression)
+                            .map_err(|m| error(&format!("payload.{name}"), m))?;
+                        data.insert(name.clone(), value);
+                    }
+                    Value::Object(data)
+                }
+            };
+            fired.push(Fired {
+                rule: &rule.spec,
+                data,
+            });
+        }
+        Ok(fired)
+    }
+
+    /// The CEL context of a change: every variable a rule reads, converted.
+    fn context(
+        &self,
+        input: &RuleInput<'_>,
+        old: Option<&Map<String, Value>>,
+    ) -> Context<'static, 'static> {
+        let mut context = Context::with_env(Arc::clone(&self.env));
         for (name, conversion) in VARIABLES.iter().zip(&self.conversions) {
             if matches!(conversion, Conversion::Unused) {
                 continue;
@@ -274,53 +366,7 @@ impl CompiledRules {
             };
             context.add_variable_from_value(*name, value);
         }
-        let mut fired = Vec::new();
-        for rule in &self.rules {
-            let error = |part: &str, message: String| RuleError {
-                rule: rule.spec.name.clone(),
-                part: part.to_owned(),
-                message,
-            };
-            match rule.when.program.execute(&context) {
-                Ok(CelValue::Bool(true)) => {}
-                Ok(CelValue::Bool(false)) => continue,
-                Ok(other) => {
-                    return Err(error(
-                        "when",
-                        format!(
-                            "`{}` evaluated to {:?}, expected a boolean",
-                            rule.when.source, other
-                        ),
-                    ));
-                }
-                Err(failure) => {
-                    return Err(error("when", format!("`{}`: {failure}", rule.when.source)));
-                }
-            }
-            let data = match &rule.payload {
-                CompiledPayload::Row => input
-                    .after
-                    .or(input.before)
-                    .map_or(Value::Null, |row| Value::Object(row.clone())),
-                CompiledPayload::Expression(expression) => {
-                    evaluate_to_json(expression, &context).map_err(|m| error("payload", m))?
-                }
-                CompiledPayload::Fields(fields) => {
-                    let mut data = Map::new();
-                    for (name, expression) in fields {
-                        let value = evaluate_to_json(expression, &context)
-                            .map_err(|m| error(&format!("payload.{name}"), m))?;
-                        data.insert(name.clone(), value);
-                    }
-                    Value::Object(data)
-                }
-            };
-            fired.push(Fired {
-                rule: &rule.spec,
-                data,
-            });
-        }
-        Ok(fired)
+        context
     }
 }
 
@@ -364,6 +410,7 @@ fn compile_expression(
     }
     Ok(CompiledExpression {
         source: source.to_owned(),
+        native: Native::compile(program.expression()),
         program,
     })
 }
