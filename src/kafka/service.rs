@@ -52,8 +52,60 @@ enum AssignmentEvent {
     Failed(String),
 }
 
+/// The store save running in the background, if any: the worker writes committed state
+/// behind, and a restore must not start before it lands (it could overwrite restored state
+/// with older state of a partition that came back).
+#[derive(Clone)]
+struct SaveInFlight {
+    handle: Arc<Mutex<Option<SaveTask>>>,
+    runtime: tokio::runtime::Handle,
+}
+
+type SaveTask = tokio::task::JoinHandle<Result<(), StoreError>>;
+
+impl SaveInFlight {
+    fn new(runtime: tokio::runtime::Handle) -> SaveInFlight {
+        SaveInFlight {
+            handle: Arc::default(),
+            runtime,
+        }
+    }
+
+    fn start<S: StateStore>(
+        &self,
+        store: &Arc<S>,
+        writes: Vec<StateWrite>,
+        checkpoints: Vec<Checkpoint>,
+    ) {
+        let store = Arc::clone(store);
+        let task = self
+            .runtime
+            .spawn(async move { store.save(writes, checkpoints).await });
+        *self.handle.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
+    }
+
+    /// Waits for the save in flight, if any.
+    fn finish(&self) -> Result<(), ServiceError> {
+        let task = self
+            .handle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some(task) = task else {
+            return Ok(());
+        };
+        self.runtime
+            .block_on(task)
+            .map_err(|error| {
+                ServiceError::Topology(format!("the background store save failed: {error}"))
+            })?
+            .map_err(ServiceError::from)
+    }
+}
+
 struct RebalanceContext<S> {
     restorer: ChangelogRestorer<S>,
+    saving: SaveInFlight,
     events: Mutex<Vec<AssignmentEvent>>,
     /// How long to wait for committed offsets to become stable.
     patience: Duration,
@@ -96,6 +148,10 @@ impl<S: StateStore> ConsumerContext for RebalanceContext<S> {
         match error {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 tracing::info!(partitions = ?list, "partitions assigned; restoring their state");
+                if let Err(failure) = self.saving.finish() {
+                    self.push(AssignmentEvent::Failed(failure.to_string()));
+                    return;
+                }
                 if let Err(failure) = self.restorer.restore(&list) {
                     self.push(AssignmentEvent::Failed(failure.to_string()));
                     return;
@@ -309,8 +365,10 @@ pub fn run_service<S: StateStore>(
         Arc::clone(&store),
         runtime.clone(),
     );
+    let saving = SaveInFlight::new(runtime.clone());
     let context = RebalanceContext {
         restorer,
+        saving: saving.clone(),
         events: Mutex::new(Vec::new()),
         patience: kafka.transaction_timeout * 3,
     };
@@ -346,6 +404,7 @@ pub fn run_service<S: StateStore>(
         unsaved: HashMap::new(),
         checkpoints: HashMap::new(),
         refusals: Refusals::new(),
+        saving,
         unsaved_records: 0,
         tally: Tally::default(),
         last_report: Instant::now(),
@@ -438,6 +497,8 @@ struct Worker<'a, S: StateStore> {
     checkpoints: HashMap<(String, i32), i64>,
     /// Records of the current batch whose outputs were refused for their size.
     refusals: Refusals,
+    /// The store save running behind the processing.
+    saving: SaveInFlight,
     unsaved_records: usize,
     tally: Tally,
     last_report: Instant,
@@ -591,11 +652,13 @@ impl<S: StateStore> Worker<'_, S> {
         }
         self.unsaved_records += record_count;
         self.tally.merge(tally);
-        if self.unsaved_records >= self.options.flush_records || self.caches_over_capacity() {
+        if self.caches_over_capacity() {
+            // Entries are dropped only once the store holds them, or a later load would read
+            // older state.
             self.flush_store().map_err(BatchFailure::Fatal)?;
-            if self.caches_over_capacity() {
-                self.clear_caches();
-            }
+            self.clear_caches();
+        } else if self.unsaved_records >= self.options.flush_records {
+            self.save_behind().map_err(BatchFailure::Fatal)?;
         }
         Ok(())
     }
@@ -959,12 +1022,33 @@ impl<S: StateStore> Worker<'_, S> {
         Ok(())
     }
 
-    /// Writes committed states and changelog checkpoints to the store.
+    /// Writes committed states and changelog checkpoints to the store and waits for it (and
+    /// for any save in flight).
     fn flush_store(&mut self) -> Result<(), ServiceError> {
-        if self.unsaved.is_empty() && self.checkpoints.is_empty() {
+        self.saving.finish()?;
+        let (writes, checkpoints) = self.take_unsaved();
+        if writes.is_empty() && checkpoints.is_empty() {
             return Ok(());
         }
-        let writes: Vec<StateWrite> = std::mem::take(&mut self.unsaved).into_values().collect();
+        self.runtime
+            .block_on(self.store.save(writes, checkpoints))?;
+        Ok(())
+    }
+
+    /// Starts writing committed states and checkpoints to the store in the background, after
+    /// the previous save (one in flight at a time keeps saves in order and memory bounded).
+    fn save_behind(&mut self) -> Result<(), ServiceError> {
+        self.saving.finish()?;
+        let (writes, checkpoints) = self.take_unsaved();
+        if !writes.is_empty() || !checkpoints.is_empty() {
+            self.saving.start(self.store, writes, checkpoints);
+        }
+        Ok(())
+    }
+
+    fn take_unsaved(&mut self) -> (Vec<StateWrite>, Vec<Checkpoint>) {
+        self.unsaved_records = 0;
+        let writes = std::mem::take(&mut self.unsaved).into_values().collect();
         let checkpoints = std::mem::take(&mut self.checkpoints)
             .into_iter()
             .map(|((topic, partition), offset)| Checkpoint {
@@ -973,10 +1057,7 @@ impl<S: StateStore> Worker<'_, S> {
                 offset,
             })
             .collect();
-        self.unsaved_records = 0;
-        self.runtime
-            .block_on(self.store.save(writes, checkpoints))?;
-        Ok(())
+        (writes, checkpoints)
     }
 }
 
