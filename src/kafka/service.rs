@@ -8,6 +8,9 @@
 //!
 //! At-least-once, per batch: outputs are produced and delivered, then changelog records, then
 //! offsets are committed. A crash can repeat an output (same event id), never lose one.
+//!
+//! In both modes batch N+1 is collected and processed while batch N commits on a commit thread
+//! (see [`Worker::run`]); a revocation waits for the commit in flight.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -103,9 +106,41 @@ impl SaveInFlight {
     }
 }
 
+/// Whether a batch is being committed on the commit thread. A revocation waits for it: the
+/// partitions' next owner must find the batch committed (or aborted) before it restores their
+/// state and reads their offsets.
+#[derive(Clone, Default)]
+struct CommitGate {
+    busy: Arc<(Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl CommitGate {
+    fn set(&self, busy: bool) {
+        let (flag, changed) = &*self.busy;
+        *flag.lock().unwrap_or_else(PoisonError::into_inner) = busy;
+        changed.notify_all();
+    }
+
+    /// Waits until no commit is running, at most `patience`.
+    fn wait_idle(&self, patience: Duration) {
+        let (flag, changed) = &*self.busy;
+        let guard = flag.lock().unwrap_or_else(PoisonError::into_inner);
+        let (guard, timeout) = changed
+            .wait_timeout_while(guard, patience, |busy| *busy)
+            .unwrap_or_else(PoisonError::into_inner);
+        if timeout.timed_out() && *guard {
+            tracing::warn!(
+                ?patience,
+                "a commit is still running; giving the partitions up anyway"
+            );
+        }
+    }
+}
+
 struct RebalanceContext<S> {
     restorer: ChangelogRestorer<S>,
     saving: SaveInFlight,
+    committing: CommitGate,
     events: Mutex<Vec<AssignmentEvent>>,
     /// How long to wait for committed offsets to become stable.
     patience: Duration,
@@ -176,6 +211,7 @@ impl<S: StateStore> ConsumerContext for RebalanceContext<S> {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 tracing::info!(partitions = ?list, lost = consumer.assignment_lost(), "partitions revoked");
+                self.committing.wait_idle(self.patience);
                 self.push(AssignmentEvent::Revoked(list));
                 let result = if cooperative {
                     consumer.incremental_unassign(partitions)
@@ -188,6 +224,7 @@ impl<S: StateStore> ConsumerContext for RebalanceContext<S> {
             }
             other => {
                 tracing::warn!(error = ?other, "rebalance error; dropping the assignment");
+                self.committing.wait_idle(self.patience);
                 let _ = consumer.unassign();
                 self.push(AssignmentEvent::Revoked(list));
             }
@@ -366,9 +403,11 @@ pub fn run_service<S: StateStore>(
         runtime.clone(),
     );
     let saving = SaveInFlight::new(runtime.clone());
+    let committing = CommitGate::default();
     let context = RebalanceContext {
         restorer,
         saving: saving.clone(),
+        committing: committing.clone(),
         events: Mutex::new(Vec::new()),
         patience: kafka.transaction_timeout * 3,
     };
@@ -389,15 +428,23 @@ pub fn run_service<S: StateStore>(
 
     // One lane per core: partitions are processed in parallel, each strictly in order.
     let lanes = std::thread::available_parallelism().map_or(2, |cores| cores.get().clamp(1, 8));
-    let mut worker = Worker {
+    let delivery = Delivery {
         options: &options,
         pipelines: &pipelines,
         topology: &topology,
-        store: &store,
         runtime: &runtime,
         producer: &producer,
         consumer: &consumer,
         transactional_id: &transactional_id,
+    };
+    let mut worker = Worker {
+        options: &options,
+        pipelines: &pipelines,
+        store: &store,
+        runtime: &runtime,
+        consumer: &consumer,
+        delivery,
+        committing,
         caches: (0..lanes)
             .map(|_| StateCache::new(pipelines.len(), options.cache_entries / lanes))
             .collect(),
@@ -480,15 +527,53 @@ fn host_name() -> String {
         .unwrap_or_else(|| "cdcflow".to_owned())
 }
 
-struct Worker<'a, S: StateStore> {
+/// What the commit thread needs: the producer and what a commit reads.
+struct Delivery<'a, S: StateStore> {
     options: &'a ServiceOptions,
     pipelines: &'a SharedPipelines,
     topology: &'a Topology,
-    store: &'a Arc<S>,
     runtime: &'a tokio::runtime::Handle,
     producer: &'a FutureProducer,
     consumer: &'a BaseConsumer<RebalanceContext<S>>,
     transactional_id: &'a str,
+}
+
+impl<S: StateStore> Clone for Delivery<'_, S> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<S: StateStore> Copy for Delivery<'_, S> {}
+
+/// A batch processed against the staged state, waiting for (or in) its commit.
+struct Processed {
+    outcome: BatchOutcome,
+    tally: Tally,
+    /// The consumed offsets to commit.
+    offsets: TopicPartitionList,
+    records: usize,
+}
+
+/// A batch back from the commit thread.
+type Committed = (Processed, Result<Vec<ChangelogOffset>, BatchFailure>);
+
+/// What one poll loop collected.
+#[derive(Default)]
+struct Collected {
+    records: Vec<RawRecord>,
+    /// Partitions revoked while collecting (collection stops at a revocation).
+    revoked: Vec<(String, i32)>,
+}
+
+struct Worker<'a, S: StateStore> {
+    options: &'a ServiceOptions,
+    pipelines: &'a SharedPipelines,
+    store: &'a Arc<S>,
+    runtime: &'a tokio::runtime::Handle,
+    consumer: &'a BaseConsumer<RebalanceContext<S>>,
+    delivery: Delivery<'a, S>,
+    committing: CommitGate,
     /// One state cache per processing lane.
     caches: Vec<StateCache>,
     /// Committed states not yet in the store, one per entity.
@@ -505,61 +590,159 @@ struct Worker<'a, S: StateStore> {
 }
 
 impl<S: StateStore> Worker<'_, S> {
+    /// The loop. Batches are pipelined: while batch N commits on a commit thread, batch N+1
+    /// is collected and processed against the staged state (which includes N's). N's outcome
+    /// is settled before N+1's commit starts; if N failed, N+1 is discarded with it and both
+    /// are consumed again from the committed offsets.
     fn run(&mut self, shutdown: &AtomicBool) -> Result<(), ServiceError> {
-        let mut attempts = 0u32;
-        while !shutdown.load(Ordering::SeqCst) {
-            let records = self.collect_batch(shutdown)?;
-            if records.is_empty() {
-                continue;
-            }
-            match self.process_batch(records) {
-                Ok(()) => attempts = 0,
-                Err(BatchFailure::Fatal(error)) => return Err(error),
-                // Each refusal sends one more record (or a smaller DLQ record) to the DLQ, so
-                // these retries end; they do not count against the attempts.
-                Err(BatchFailure::Refused(refused)) => {
-                    tracing::warn!(
-                        outputs = refused.len(),
-                        "outputs refused as too large; their records go to the DLQ, retrying the batch"
-                    );
-                    self.rewind()?;
+        let delivery = self.delivery;
+        let committing = self.committing.clone();
+        std::thread::scope(|scope| {
+            let mut attempts = 0u32;
+            let mut in_flight: Option<std::thread::ScopedJoinHandle<'_, Committed>> = None;
+            loop {
+                let stopping = shutdown.load(Ordering::SeqCst);
+                let Collected {
+                    mut records,
+                    revoked,
+                } = if stopping {
+                    Collected::default()
+                } else {
+                    self.collect_batch(shutdown)?
+                };
+                // Settle the batch in flight now when stopping, idle, or losing partitions
+                // (their states must reach the store before the caches are dropped).
+                if (stopping || records.is_empty() || !revoked.is_empty())
+                    && let Some(handle) = in_flight.take()
+                    && !self.settle(join(handle), &mut attempts)?
+                {
+                    records.clear();
                 }
-                Err(BatchFailure::Retry(reason)) => {
-                    attempts += 1;
-                    if attempts >= MAX_BATCH_ATTEMPTS {
-                        return Err(ServiceError::Topology(format!(
-                            "a batch failed {attempts} times in a row, last: {reason}; stopping \
-                             rather than retrying forever (check broker limits such as \
-                             message.max.bytes, and the broker's health)"
-                        )));
+                if !revoked.is_empty() {
+                    records.retain(|record| {
+                        !revoked.iter().any(|(topic, partition)| {
+                            *topic == record.topic && *partition == record.partition
+                        })
+                    });
+                    // What was committed for those partitions goes to the store now, so a
+                    // later reassignment restores on top of it; cached state of partitions
+                    // another instance may now change is dropped.
+                    self.flush_store()?;
+                    self.clear_caches();
+                }
+                if stopping {
+                    return Ok(());
+                }
+                if records.is_empty() {
+                    continue;
+                }
+                if self.caches_over_capacity() {
+                    // Entries are dropped only when nothing staged is uncommitted and the
+                    // store holds every committed state, or a later load would read older
+                    // state: settle the batch in flight first.
+                    if let Some(handle) = in_flight.take()
+                        && !self.settle(join(handle), &mut attempts)?
+                    {
+                        continue;
                     }
-                    tracing::warn!(%reason, attempt = attempts, "batch aborted; rewinding to the committed offsets");
-                    self.rewind()?;
-                    std::thread::sleep(Duration::from_millis(200 * u64::from(attempts)));
+                    self.flush_store()?;
+                    self.clear_caches();
                 }
+                let processed = self.process(records);
+                if let Some(handle) = in_flight.take()
+                    && !self.settle(join(handle), &mut attempts)?
+                {
+                    // The previous batch was rewound; this one was processed on top of its
+                    // staged state and comes again from the committed offsets.
+                    continue;
+                }
+                let processed = match processed {
+                    Ok(processed) => processed,
+                    Err(failure) => {
+                        self.recover(failure, &mut attempts)?;
+                        continue;
+                    }
+                };
+                committing.set(true);
+                let gate = committing.clone();
+                in_flight = Some(scope.spawn(move || {
+                    let delivered = delivery.deliver(&processed.outcome, &processed.offsets);
+                    gate.set(false);
+                    (processed, delivered)
+                }));
             }
-            if self.last_report.elapsed() > Duration::from_secs(10) {
-                self.last_report = Instant::now();
-                tracing::info!(
-                    records = self.tally.records_read,
-                    applied = self.tally.decisions("applied"),
-                    duplicate = self.tally.decisions("duplicate"),
-                    stale = self.tally.decisions("stale"),
-                    events = self.tally.events_total(),
-                    dlq = self.tally.dlq_total(),
-                    "progress"
-                );
-            }
-        }
-        Ok(())
+        })
     }
 
-    /// Polls until the batch is full, its time is up, or shutdown is asked for; applies
-    /// rebalance events as they come.
-    fn collect_batch(&mut self, shutdown: &AtomicBool) -> Result<Vec<RawRecord>, ServiceError> {
+    /// Applies a batch's commit result: the bookkeeping of a committed batch, or the recovery
+    /// of a failed one. Returns whether the batch committed.
+    fn settle(&mut self, committed: Committed, attempts: &mut u32) -> Result<bool, ServiceError> {
+        let (processed, delivered) = committed;
+        match self.finish_batch(processed, delivered) {
+            Ok(()) => {
+                *attempts = 0;
+                self.report_progress();
+                Ok(true)
+            }
+            Err(failure) => {
+                self.recover(failure, attempts)?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Rewinds after a failed batch, or stops for a fatal failure or too many attempts.
+    fn recover(&mut self, failure: BatchFailure, attempts: &mut u32) -> Result<(), ServiceError> {
+        match failure {
+            BatchFailure::Fatal(error) => Err(error),
+            // Each refusal sends one more record (or a smaller DLQ record) to the DLQ, so
+            // these retries end; they do not count against the attempts.
+            BatchFailure::Refused(refused) => {
+                tracing::warn!(
+                    outputs = refused.len(),
+                    "outputs refused as too large; their records go to the DLQ, retrying the batch"
+                );
+                self.rewind()
+            }
+            BatchFailure::Retry(reason) => {
+                *attempts += 1;
+                if *attempts >= MAX_BATCH_ATTEMPTS {
+                    return Err(ServiceError::Topology(format!(
+                        "a batch failed {attempts} times in a row, last: {reason}; stopping \
+                         rather than retrying forever (check broker limits such as \
+                         message.max.bytes, and the broker's health)"
+                    )));
+                }
+                tracing::warn!(%reason, attempt = *attempts, "batch aborted; rewinding to the committed offsets");
+                self.rewind()?;
+                std::thread::sleep(Duration::from_millis(200 * u64::from(*attempts)));
+                Ok(())
+            }
+        }
+    }
+
+    fn report_progress(&mut self) {
+        if self.last_report.elapsed() > Duration::from_secs(10) {
+            self.last_report = Instant::now();
+            tracing::info!(
+                records = self.tally.records_read,
+                applied = self.tally.decisions("applied"),
+                duplicate = self.tally.decisions("duplicate"),
+                stale = self.tally.decisions("stale"),
+                events = self.tally.events_total(),
+                dlq = self.tally.dlq_total(),
+                "progress"
+            );
+        }
+    }
+
+    /// Polls until the batch is full, its time is up, shutdown is asked for, or partitions
+    /// are revoked.
+    fn collect_batch(&mut self, shutdown: &AtomicBool) -> Result<Collected, ServiceError> {
         let kafka = &self.options.kafka;
         let deadline = Instant::now() + kafka.batch_max_wait;
         let mut records = Vec::new();
+        let mut revoked = Vec::new();
         while records.len() < kafka.batch_max_records && !shutdown.load(Ordering::SeqCst) {
             let now = Instant::now();
             if now >= deadline && !records.is_empty() {
@@ -576,49 +759,44 @@ impl<S: StateStore> Worker<'_, S> {
             for event in self.consumer.context().take() {
                 match event {
                     AssignmentEvent::Failed(reason) => return Err(ServiceError::Topology(reason)),
-                    AssignmentEvent::Revoked(partitions) => {
-                        records.retain(|record: &RawRecord| {
-                            !partitions.iter().any(|(topic, partition)| {
-                                *topic == record.topic && *partition == record.partition
-                            })
-                        });
-                        // What was committed for those partitions goes to the store now, so a
-                        // later reassignment restores on top of it; cached state of partitions
-                        // another instance may now change is dropped.
-                        self.flush_store()?;
-                        self.clear_caches();
-                    }
+                    AssignmentEvent::Revoked(partitions) => revoked.extend(partitions),
                 }
             }
-            if now >= deadline && records.is_empty() {
+            if !revoked.is_empty() || (now >= deadline && records.is_empty()) {
                 break;
             }
         }
-        Ok(records)
+        Ok(Collected { records, revoked })
     }
 
-    fn process_batch(&mut self, records: Vec<RawRecord>) -> Result<(), BatchFailure> {
+    /// Decodes and applies a batch against the staged state.
+    fn process(&mut self, records: Vec<RawRecord>) -> Result<Processed, BatchFailure> {
         let offsets = next_offsets(&records);
         let record_count = records.len();
         let (outcome, tally) = self
             .process_lanes(records)
             .map_err(|error| BatchFailure::Retry(format!("state store: {error}")))?;
-        let changelog_records: Vec<(usize, &StateWrite)> = outcome
-            .writes
-            .iter()
-            .filter_map(|write| {
-                let index = self
-                    .pipelines
-                    .iter()
-                    .position(|(_, p)| p.name() == write.pipeline)?;
-                Some((index, write))
-            })
-            .collect();
-        let delivered = if self.options.kafka.delivery == DeliveryConfig::ExactlyOnce {
-            self.commit_transactionally(&outcome.outputs, &changelog_records, &offsets)
-        } else {
-            self.commit_at_least_once(&outcome.outputs, &changelog_records, &offsets)
-        };
+        Ok(Processed {
+            outcome,
+            tally,
+            offsets,
+            records: record_count,
+        })
+    }
+
+    /// After a batch's commit: on success its states join the unsaved set (written behind);
+    /// on failure the staged state is dropped and the refusals learnt.
+    fn finish_batch(
+        &mut self,
+        processed: Processed,
+        delivered: Result<Vec<ChangelogOffset>, BatchFailure>,
+    ) -> Result<(), BatchFailure> {
+        let Processed {
+            outcome,
+            tally,
+            offsets,
+            records: record_count,
+        } = processed;
         let changelog_offsets = match delivered {
             Ok(offsets) => offsets,
             Err(failure) => {
@@ -652,12 +830,7 @@ impl<S: StateStore> Worker<'_, S> {
         }
         self.unsaved_records += record_count;
         self.tally.merge(tally);
-        if self.caches_over_capacity() {
-            // Entries are dropped only once the store holds them, or a later load would read
-            // older state.
-            self.flush_store().map_err(BatchFailure::Fatal)?;
-            self.clear_caches();
-        } else if self.unsaved_records >= self.options.flush_records {
+        if self.unsaved_records >= self.options.flush_records {
             self.save_behind().map_err(BatchFailure::Fatal)?;
         }
         Ok(())
@@ -720,6 +893,163 @@ impl<S: StateStore> Worker<'_, S> {
 
     fn caches_over_capacity(&self) -> bool {
         self.caches.iter().any(StateCache::over_capacity)
+    }
+
+    /// Remembers which records' outputs were refused, so the next attempt sends them to the
+    /// DLQ; a DLQ record refused once is sent again without the original key and value, and
+    /// refused again it stops the service (the DLQ topic cannot take even the headers).
+    fn learn_refusals(
+        &mut self,
+        outcome: &BatchOutcome,
+        refused: &[RefusedOutput],
+    ) -> Result<(), ServiceError> {
+        for RefusedOutput { index, error } in refused {
+            let (Some(output), Some((pipeline, origin))) = (
+                outcome.outputs.get(*index),
+                outcome.output_origins.get(*index),
+            ) else {
+                continue;
+            };
+            let topic = &output.topic;
+            let size = output.size();
+            let slot = self.refusals.entry((*pipeline, origin.clone()));
+            match output.kind {
+                OutputKind::DeadLetter => {
+                    let refusal = slot.or_insert(Refusal {
+                        failure: None,
+                        strip_dead_letter: false,
+                    });
+                    if refusal.strip_dead_letter {
+                        return Err(ServiceError::Topology(format!(
+                            "the DLQ topic `{topic}` refused the dead letter of {origin} even \
+                             without its original key and value ({size} bytes): {error}; \
+                             raise max.message.bytes on `{topic}`"
+                        )));
+                    }
+                    refusal.strip_dead_letter = true;
+                }
+                OutputKind::Event | OutputKind::Audit => {
+                    tracing::warn!(%origin, %topic, size, %error, "output refused as too large; the record goes to the DLQ");
+                    let refusal = slot.or_insert(Refusal {
+                        failure: None,
+                        strip_dead_letter: false,
+                    });
+                    refusal.failure.get_or_insert_with(|| RecordFailure {
+                        stage: Stage::Output,
+                        reason: "output_refused",
+                        message: format!(
+                            "`{topic}` refused this record's {} ({size} bytes): {error}; \
+                             raise max.message.bytes on `{topic}` or set \
+                             limits.max_output_bytes below it",
+                            output.kind.as_str()
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Positions every assigned partition at its committed offset.
+    fn rewind(&mut self) -> Result<(), ServiceError> {
+        self.flush_store()?;
+        self.clear_caches();
+        let assignment = self
+            .consumer
+            .assignment()
+            .map_err(kafka_error("cannot read the assignment"))?;
+        if assignment.count() == 0 {
+            return Ok(());
+        }
+        // A rewind that does not land would let the next commit skip the aborted batch: any
+        // failure here is fatal, and a restart resumes from the committed offsets.
+        let positioned = committed_positions(
+            self.consumer,
+            &assignment,
+            self.options.kafka.transaction_timeout * 3,
+        )?;
+        let sought = self
+            .consumer
+            .seek_partitions(positioned, Duration::from_secs(10))
+            .map_err(kafka_error("cannot rewind to the committed offsets"))?;
+        for element in sought.elements() {
+            if let Err(error) = element.error() {
+                return Err(ServiceError::Kafka {
+                    context: format!(
+                        "cannot rewind `{}` partition {} to its committed offset",
+                        element.topic(),
+                        element.partition()
+                    ),
+                    source: error,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes committed states and changelog checkpoints to the store and waits for it (and
+    /// for any save in flight).
+    fn flush_store(&mut self) -> Result<(), ServiceError> {
+        self.saving.finish()?;
+        let (writes, checkpoints) = self.take_unsaved();
+        if writes.is_empty() && checkpoints.is_empty() {
+            return Ok(());
+        }
+        self.runtime
+            .block_on(self.store.save(writes, checkpoints))?;
+        Ok(())
+    }
+
+    /// Starts writing committed states and checkpoints to the store in the background, after
+    /// the previous save (one in flight at a time keeps saves in order and memory bounded).
+    fn save_behind(&mut self) -> Result<(), ServiceError> {
+        self.saving.finish()?;
+        let (writes, checkpoints) = self.take_unsaved();
+        if !writes.is_empty() || !checkpoints.is_empty() {
+            self.saving.start(self.store, writes, checkpoints);
+        }
+        Ok(())
+    }
+
+    fn take_unsaved(&mut self) -> (Vec<StateWrite>, Vec<Checkpoint>) {
+        self.unsaved_records = 0;
+        let writes = std::mem::take(&mut self.unsaved).into_values().collect();
+        let checkpoints = std::mem::take(&mut self.checkpoints)
+            .into_iter()
+            .map(|((topic, partition), offset)| Checkpoint {
+                topic,
+                partition,
+                offset,
+            })
+            .collect();
+        (writes, checkpoints)
+    }
+}
+
+impl<S: StateStore> Delivery<'_, S> {
+    /// Commits a processed batch in the configured delivery mode; returns the changelog
+    /// offsets written.
+    fn deliver(
+        &self,
+        outcome: &BatchOutcome,
+        offsets: &TopicPartitionList,
+    ) -> Result<Vec<ChangelogOffset>, BatchFailure> {
+        let changelog_records: Vec<(usize, &StateWrite)> = outcome
+            .writes
+            .iter()
+            .filter_map(|write| {
+                let index = self
+                    .pipelines
+                    .iter()
+                    .position(|(_, p)| p.name() == write.pipeline)?;
+                Some((index, write))
+            })
+            .collect();
+        if self.options.kafka.delivery == DeliveryConfig::ExactlyOnce {
+            self.commit_transactionally(&outcome.outputs, &changelog_records, offsets)
+        } else {
+            self.commit_at_least_once(&outcome.outputs, &changelog_records, offsets)
+        }
     }
 
     /// One transaction: outputs, changelog records, consumed offsets. Returns the changelog
@@ -929,136 +1259,13 @@ impl<S: StateStore> Worker<'_, S> {
             None => Ok(offsets),
         }
     }
+}
 
-    /// Remembers which records' outputs were refused, so the next attempt sends them to the
-    /// DLQ; a DLQ record refused once is sent again without the original key and value, and
-    /// refused again it stops the service (the DLQ topic cannot take even the headers).
-    fn learn_refusals(
-        &mut self,
-        outcome: &BatchOutcome,
-        refused: &[RefusedOutput],
-    ) -> Result<(), ServiceError> {
-        for RefusedOutput { index, error } in refused {
-            let (Some(output), Some((pipeline, origin))) = (
-                outcome.outputs.get(*index),
-                outcome.output_origins.get(*index),
-            ) else {
-                continue;
-            };
-            let topic = &output.topic;
-            let size = output.size();
-            let slot = self.refusals.entry((*pipeline, origin.clone()));
-            match output.kind {
-                OutputKind::DeadLetter => {
-                    let refusal = slot.or_insert(Refusal {
-                        failure: None,
-                        strip_dead_letter: false,
-                    });
-                    if refusal.strip_dead_letter {
-                        return Err(ServiceError::Topology(format!(
-                            "the DLQ topic `{topic}` refused the dead letter of {origin} even \
-                             without its original key and value ({size} bytes): {error}; \
-                             raise max.message.bytes on `{topic}`"
-                        )));
-                    }
-                    refusal.strip_dead_letter = true;
-                }
-                OutputKind::Event | OutputKind::Audit => {
-                    tracing::warn!(%origin, %topic, size, %error, "output refused as too large; the record goes to the DLQ");
-                    let refusal = slot.or_insert(Refusal {
-                        failure: None,
-                        strip_dead_letter: false,
-                    });
-                    refusal.failure.get_or_insert_with(|| RecordFailure {
-                        stage: Stage::Output,
-                        reason: "output_refused",
-                        message: format!(
-                            "`{topic}` refused this record's {} ({size} bytes): {error}; \
-                             raise max.message.bytes on `{topic}` or set \
-                             limits.max_output_bytes below it",
-                            output.kind.as_str()
-                        ),
-                    });
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Positions every assigned partition at its committed offset.
-    fn rewind(&mut self) -> Result<(), ServiceError> {
-        self.flush_store()?;
-        self.clear_caches();
-        let assignment = self
-            .consumer
-            .assignment()
-            .map_err(kafka_error("cannot read the assignment"))?;
-        if assignment.count() == 0 {
-            return Ok(());
-        }
-        // A rewind that does not land would let the next commit skip the aborted batch: any
-        // failure here is fatal, and a restart resumes from the committed offsets.
-        let positioned = committed_positions(
-            self.consumer,
-            &assignment,
-            self.options.kafka.transaction_timeout * 3,
-        )?;
-        let sought = self
-            .consumer
-            .seek_partitions(positioned, Duration::from_secs(10))
-            .map_err(kafka_error("cannot rewind to the committed offsets"))?;
-        for element in sought.elements() {
-            if let Err(error) = element.error() {
-                return Err(ServiceError::Kafka {
-                    context: format!(
-                        "cannot rewind `{}` partition {} to its committed offset",
-                        element.topic(),
-                        element.partition()
-                    ),
-                    source: error,
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes committed states and changelog checkpoints to the store and waits for it (and
-    /// for any save in flight).
-    fn flush_store(&mut self) -> Result<(), ServiceError> {
-        self.saving.finish()?;
-        let (writes, checkpoints) = self.take_unsaved();
-        if writes.is_empty() && checkpoints.is_empty() {
-            return Ok(());
-        }
-        self.runtime
-            .block_on(self.store.save(writes, checkpoints))?;
-        Ok(())
-    }
-
-    /// Starts writing committed states and checkpoints to the store in the background, after
-    /// the previous save (one in flight at a time keeps saves in order and memory bounded).
-    fn save_behind(&mut self) -> Result<(), ServiceError> {
-        self.saving.finish()?;
-        let (writes, checkpoints) = self.take_unsaved();
-        if !writes.is_empty() || !checkpoints.is_empty() {
-            self.saving.start(self.store, writes, checkpoints);
-        }
-        Ok(())
-    }
-
-    fn take_unsaved(&mut self) -> (Vec<StateWrite>, Vec<Checkpoint>) {
-        self.unsaved_records = 0;
-        let writes = std::mem::take(&mut self.unsaved).into_values().collect();
-        let checkpoints = std::mem::take(&mut self.checkpoints)
-            .into_iter()
-            .map(|((topic, partition), offset)| Checkpoint {
-                topic,
-                partition,
-                offset,
-            })
-            .collect();
-        (writes, checkpoints)
-    }
+/// The result of the commit thread; a panic there is a bug and surfaces here.
+fn join(handle: std::thread::ScopedJoinHandle<'_, Committed>) -> Committed {
+    handle
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 /// Why one record could not be handed to the producer.
