@@ -241,7 +241,7 @@ fn main() {
         let group = format!("{prefix}{delivery}");
         let mut config = format!(
             "[kafka]\nbootstrap_servers = \"{bootstrap}\"\ngroup_id = \"{group}\"\ninstance_id = \"bench\"\n\
-             delivery = \"{delivery}\"\ntopic_partitions = {PARTITIONS}\n\n"
+             delivery = \"{delivery}\"\ntopic_partitions = {PARTITIONS}\n\n[http]\nlisten = \"127.0.0.1:0\"\n\n"
         );
         for line in example.lines() {
             if line.starts_with("path = ") {

@@ -17,12 +17,14 @@
 //!   (`replay` from JSON Lines today).
 //! - [`kafka`]: `cdcflow run`, the consumer-group service with its exactly-once and
 //!   at-least-once commit protocols and the changelog that backs state.
+//! - [`http`]: the `/metrics`, `/healthz` and `/readyz` endpoint of `cdcflow run`.
 //! - [`config`]: the typed TOML configuration with validation and environment overrides.
 //! - [`metrics`]: every Prometheus metric family in one place.
 
 pub mod cdc;
 pub mod config;
 pub mod engine;
+pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod runtime;

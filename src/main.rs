@@ -11,8 +11,8 @@ use std::time::Instant;
 use anyhow::Context as _;
 use cdcflow::config::Config;
 use cdcflow::kafka::{ServiceOptions, run_service};
-use cdcflow::metrics::Tally;
-use cdcflow::runtime::{ReplayOptions, SharedPipelines, replay};
+use cdcflow::metrics::{Metrics, Tally};
+use cdcflow::runtime::{Health, ReplayOptions, SharedPipelines, replay};
 use cdcflow::store::{MemoryStore, SqliteStore, StateStore};
 use clap::{Parser, Subcommand};
 
@@ -153,10 +153,27 @@ async fn run_command(config_path: PathBuf) -> anyhow::Result<()> {
     let store = Arc::new(SqliteStore::open(&config.state.path).await?);
     let shutdown = Arc::new(AtomicBool::new(false));
     spawn_signal_handler(Arc::clone(&shutdown))?;
+    let metrics = Metrics::new().context("cannot register the metrics")?;
+    let health = Arc::new(Health::default());
+    if config.http.enabled {
+        let listener = cdcflow::http::bind(config.http.listen).await?;
+        let address = listener
+            .local_addr()
+            .context("the HTTP listener has no address")?;
+        tracing::info!("serving http://{address}/metrics, /healthz and /readyz");
+        let (metrics, health) = (metrics.clone(), Arc::clone(&health));
+        tokio::spawn(async move {
+            if let Err(error) = cdcflow::http::serve(listener, metrics, health).await {
+                tracing::error!(%error, "the HTTP endpoint stopped");
+            }
+        });
+    }
     let options = ServiceOptions {
         kafka: config.kafka.clone(),
         cache_entries: config.state.cache_entries,
         flush_records: config.state.flush_records,
+        metrics,
+        health,
     };
     let handle = tokio::runtime::Handle::current();
     let service_store = Arc::clone(&store);

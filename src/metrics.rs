@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use prometheus::{IntCounterVec, Opts, Registry};
+use prometheus::{Gauge, IntCounterVec, Opts, Registry};
 
 /// Counts of one pipeline.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -128,6 +128,11 @@ pub struct Metrics {
     pub events: IntCounterVec,
     pub dlq_records: IntCounterVec,
     pub audit_records: IntCounterVec,
+    /// Batches of `cdcflow run` by outcome: `committed`, `retried` (aborted or failed and
+    /// rewound), `refused` (an output refused for its size; its record goes to the DLQ).
+    pub batches: IntCounterVec,
+    /// When the last batch committed: alert when it stops moving while input lags.
+    pub last_commit_seconds: Gauge,
 }
 
 impl Metrics {
@@ -170,6 +175,19 @@ impl Metrics {
                 "Audit records written for dropped changes.",
                 &["pipeline"],
             )?,
+            batches: counter(
+                "cdcflow_batches_total",
+                "Batches of cdcflow run by outcome: committed, retried, refused.",
+                &["result"],
+            )?,
+            last_commit_seconds: {
+                let gauge = Gauge::new(
+                    "cdcflow_last_commit_timestamp_seconds",
+                    "Unix time of the last committed batch.",
+                )?;
+                registry.register(Box::new(gauge.clone()))?;
+                gauge
+            },
             registry,
         })
     }

@@ -129,6 +129,23 @@ fn example_pipelines_end_to_end_exactly_once() {
     assert_eq!(expected.len(), 13);
     let service = scenario.start("run.log");
     let actual = read_events(&scenario, 8, 5);
+    // The endpoint operators scrape and probe: counts of this run, alive, ready.
+    let (status, metrics) = service.http_get("/metrics");
+    assert_eq!(status, 200, "{metrics}");
+    for line in [
+        "cdcflow_events_total{pipeline=\"orders\",type=\"com.example.shop.OrderCreated\"} 3",
+        "cdcflow_dlq_records_total{pipeline=\"orders\",reason=\"truncated_json\"} 1",
+        "cdcflow_decisions_total{decision=\"duplicate\",pipeline=\"orders\"} 1",
+        "cdcflow_skipped_records_total{pipeline=\"customers\",reason=\"tombstone\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no `{line}` in {metrics}"
+        );
+    }
+    assert!(metrics.contains("cdcflow_batches_total{result=\"committed\"}"));
+    assert_eq!(service.http_get("/healthz").0, 200);
+    assert_eq!(service.http_get("/readyz"), (200, "ready\n".to_owned()));
     let status = service.stop(Duration::from_secs(30));
     assert!(status.success(), "cdcflow exited with {status}");
     assert_exactly(&actual, &expected);

@@ -338,6 +338,10 @@ fn bad_config_names_key_and_fix() {
             "pipeline `o`, rule `paid`, when:",
         ),
         ("[state]\npath = \"x.db\"\n", "no pipeline is defined"),
+        (
+            "[http]\nlisten = \"localhost:http\"\n[[pipeline]]\nname = \"o\"\ntopics = [\"t\"]\n",
+            "config key `http.listen`: invalid socket address syntax",
+        ),
     ];
     for (index, (config, message)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("bad{index}.toml"));

@@ -17,8 +17,8 @@ use crate::cdc::Decoder;
 use crate::engine::{CompiledRules, Pipeline, PipelineSettings, RuleCompileError};
 
 pub use model::{
-    Config, DeliveryConfig, EventsConfig, FormatConfig, KafkaConfig, LimitsConfig, PayloadConfig,
-    PipelineConfig, ReplayConfig, RuleConfig, StateConfig, VersionBy, VersionConfig,
+    Config, DeliveryConfig, EventsConfig, FormatConfig, HttpConfig, KafkaConfig, LimitsConfig,
+    PayloadConfig, PipelineConfig, ReplayConfig, RuleConfig, StateConfig, VersionBy, VersionConfig,
 };
 
 /// librdkafka properties cdcflow sets itself to keep its guarantees; a pass-through of one of

@@ -28,6 +28,9 @@ pub struct Config {
     /// Settings of `cdcflow run` (the Kafka consumer-group service).
     #[serde(default)]
     pub kafka: KafkaConfig,
+    /// The HTTP endpoint of `cdcflow run`: metrics and health.
+    #[serde(default)]
+    pub http: HttpConfig,
     /// The pipelines: one per source table (or group of topics).
     #[serde(rename = "pipeline", default)]
     pub pipelines: Vec<PipelineConfig>,
@@ -358,6 +361,35 @@ impl RuleConfig {
                         .collect(),
                 ),
             },
+        }
+    }
+}
+
+/// `[http]`: `/metrics`, `/healthz` and `/readyz` of `cdcflow run`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Serve the endpoint at all. Default true.
+    #[serde(default = "default_http_enabled")]
+    pub enabled: bool,
+    /// Address and port to listen on. Default `0.0.0.0:9464` (reachable by Prometheus and
+    /// Kubernetes probes); port 0 picks a free port, logged at start.
+    #[serde(default = "default_http_listen")]
+    pub listen: std::net::SocketAddr,
+}
+
+fn default_http_enabled() -> bool {
+    true
+}
+fn default_http_listen() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([0, 0, 0, 0], 9464))
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            enabled: default_http_enabled(),
+            listen: default_http_listen(),
         }
     }
 }

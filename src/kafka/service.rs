@@ -30,18 +30,20 @@ use super::{ServiceError, clients, kafka_error};
 use crate::cdc::{Header, RawRecord};
 use crate::config::{DeliveryConfig, KafkaConfig};
 use crate::engine::{OutputKind, OutputRecord, RecordFailure, Stage};
-use crate::metrics::Tally;
+use crate::metrics::{Metrics, Tally};
 use crate::runtime::{
-    BatchOutcome, BatchProcessor, Refusal, Refusals, SharedPipelines, StateCache, now_ms,
+    BatchOutcome, BatchProcessor, Health, Refusal, Refusals, SharedPipelines, StateCache, now_ms,
 };
 use crate::store::{Checkpoint, StateStore, StateWrite, StoreError, changelog};
 
-/// Settings of the service beyond the pipelines.
+/// Settings of the service beyond the pipelines, and what it reports to.
 #[derive(Debug, Clone)]
 pub struct ServiceOptions {
     pub kafka: KafkaConfig,
     pub cache_entries: usize,
     pub flush_records: usize,
+    pub metrics: Metrics,
+    pub health: Arc<Health>,
 }
 
 /// Consecutive aborted attempts at one batch before the service gives up: a batch that can
@@ -139,6 +141,7 @@ impl CommitGate {
 
 struct RebalanceContext<S> {
     restorer: ChangelogRestorer<S>,
+    health: Arc<Health>,
     saving: SaveInFlight,
     committing: CommitGate,
     events: Mutex<Vec<AssignmentEvent>>,
@@ -187,7 +190,10 @@ impl<S: StateStore> ConsumerContext for RebalanceContext<S> {
                     self.push(AssignmentEvent::Failed(failure.to_string()));
                     return;
                 }
-                if let Err(failure) = self.restorer.restore(&list) {
+                self.health.set_restoring(true);
+                let restored = self.restorer.restore(&list);
+                self.health.set_restoring(false);
+                if let Err(failure) = restored {
                     self.push(AssignmentEvent::Failed(failure.to_string()));
                     return;
                 }
@@ -406,6 +412,7 @@ pub fn run_service<S: StateStore>(
     let committing = CommitGate::default();
     let context = RebalanceContext {
         restorer,
+        health: Arc::clone(&options.health),
         saving: saving.clone(),
         committing: committing.clone(),
         events: Mutex::new(Vec::new()),
@@ -418,6 +425,7 @@ pub fn run_service<S: StateStore>(
     consumer
         .subscribe(&inputs)
         .map_err(kafka_error(format!("cannot subscribe to {inputs:?}")))?;
+    options.health.set_joined(true);
     tracing::info!(
         group = %kafka.group_id,
         %transactional_id,
@@ -631,6 +639,7 @@ impl<S: StateStore> Worker<'_, S> {
                     self.clear_caches();
                 }
                 if stopping {
+                    self.options.health.set_stopping();
                     return Ok(());
                 }
                 if records.is_empty() {
@@ -681,6 +690,10 @@ impl<S: StateStore> Worker<'_, S> {
         match self.finish_batch(processed, delivered) {
             Ok(()) => {
                 *attempts = 0;
+                let metrics = &self.options.metrics;
+                metrics.batches.with_label_values(&["committed"]).inc();
+                metrics.last_commit_seconds.set(now_ms() as f64 / 1000.0);
+                self.options.health.set_failing(false);
                 self.report_progress();
                 Ok(true)
             }
@@ -698,6 +711,11 @@ impl<S: StateStore> Worker<'_, S> {
             // Each refusal sends one more record (or a smaller DLQ record) to the DLQ, so
             // these retries end; they do not count against the attempts.
             BatchFailure::Refused(refused) => {
+                self.options
+                    .metrics
+                    .batches
+                    .with_label_values(&["refused"])
+                    .inc();
                 tracing::warn!(
                     outputs = refused.len(),
                     "outputs refused as too large; their records go to the DLQ, retrying the batch"
@@ -706,6 +724,12 @@ impl<S: StateStore> Worker<'_, S> {
             }
             BatchFailure::Retry(reason) => {
                 *attempts += 1;
+                self.options
+                    .metrics
+                    .batches
+                    .with_label_values(&["retried"])
+                    .inc();
+                self.options.health.set_failing(true);
                 if *attempts >= MAX_BATCH_ATTEMPTS {
                     return Err(ServiceError::Topology(format!(
                         "a batch failed {attempts} times in a row, last: {reason}; stopping \
@@ -829,6 +853,7 @@ impl<S: StateStore> Worker<'_, S> {
                 .insert((write.pipeline.clone(), write.entity.clone()), write);
         }
         self.unsaved_records += record_count;
+        self.options.metrics.add(&tally);
         self.tally.merge(tally);
         if self.unsaved_records >= self.options.flush_records {
             self.save_behind().map_err(BatchFailure::Fatal)?;

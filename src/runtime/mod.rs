@@ -6,10 +6,12 @@
 //! lose one.
 
 mod batch;
+mod health;
 mod kcat;
 mod replay;
 
 pub use batch::{BatchOutcome, BatchProcessor, DecodedBatch, Refusal, Refusals, StateCache};
+pub use health::Health;
 pub use kcat::{KcatLineError, parse_kcat_line, write_output_line};
 pub use replay::{ReplayError, ReplayOptions, SharedPipelines, replay};
 

@@ -154,7 +154,8 @@ pub fn shop_config(
         "[kafka]\nbootstrap_servers = \"{}\"\ngroup_id = \"{group}\"\ninstance_id = \"{instance}\"\n\
          delivery = \"{delivery}\"\nbatch_max_records = 500\nbatch_max_wait = \"50ms\"\n\
          transaction_timeout = \"10s\"\nshutdown_timeout = \"15s\"\n\
-         consumer = {{ \"session.timeout.ms\" = \"6000\", \"heartbeat.interval.ms\" = \"1000\" }}\n\n",
+         consumer = {{ \"session.timeout.ms\" = \"6000\", \"heartbeat.interval.ms\" = \"1000\" }}\n\n\
+         [http]\nlisten = \"127.0.0.1:0\"\n\n",
         bootstrap()
     );
     for line in example.lines() {
@@ -235,6 +236,34 @@ impl Service {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `GET path` on the service's HTTP endpoint (its address is in the log): (status, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let log = self.log_text();
+        let address = log
+            .split("serving http://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or_else(|| panic!("the log names no HTTP address: {log}"));
+        let mut stream = std::net::TcpStream::connect(address).expect("HTTP endpoint accepts");
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map_or(String::new(), |(_, body)| body.to_owned());
+        (status, body)
     }
 
     pub fn is_running(&mut self) -> bool {

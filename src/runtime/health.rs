@@ -1,0 +1,72 @@
+//! What the service reports as its health: `/healthz` answers while the process runs,
+//! `/readyz` only while it is doing its job.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Readiness of `cdcflow run`, updated by the service and read by the HTTP endpoint.
+#[derive(Debug, Default)]
+pub struct Health {
+    joined: AtomicBool,
+    restoring: AtomicBool,
+    failing: AtomicBool,
+    stopping: AtomicBool,
+}
+
+impl Health {
+    /// The service has prepared its topics and joined its consumer group.
+    pub fn set_joined(&self, joined: bool) {
+        self.joined.store(joined, Ordering::SeqCst);
+    }
+
+    /// Assigned partitions are being restored from their changelog.
+    pub fn set_restoring(&self, restoring: bool) {
+        self.restoring.store(restoring, Ordering::SeqCst);
+    }
+
+    /// The last batch failed and is being retried (transient errors: broker, store).
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// Shutdown has begun.
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    /// `Ok` when ready; otherwise why not.
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        if self.stopping.load(Ordering::SeqCst) {
+            Err("stopping")
+        } else if !self.joined.load(Ordering::SeqCst) {
+            Err("starting: waiting for Kafka and the consumer group")
+        } else if self.restoring.load(Ordering::SeqCst) {
+            Err("restoring state of assigned partitions from their changelog")
+        } else if self.failing.load(Ordering::SeqCst) {
+            Err("the last batch failed and is being retried")
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ready only once joined, and not while restoring, retrying or stopping.
+    #[test]
+    fn readiness_follows_the_service() {
+        let health = Health::default();
+        assert!(health.readiness().is_err());
+        health.set_joined(true);
+        assert_eq!(health.readiness(), Ok(()));
+        health.set_restoring(true);
+        assert!(health.readiness().unwrap_err().contains("restoring"));
+        health.set_restoring(false);
+        health.set_failing(true);
+        assert!(health.readiness().unwrap_err().contains("retried"));
+        health.set_failing(false);
+        health.set_stopping();
+        assert_eq!(health.readiness(), Err("stopping"));
+    }
+}
