@@ -141,7 +141,13 @@ pub(super) fn prepare(
                 .chain(settings.audit_topic.as_deref())
         }))
         .collect();
-    let smallest_max_message_bytes = smallest_max_message_bytes(kafka, &written, runtime)?;
+    // Without the limits (no DescribeConfigs permission, say) the producer keeps its default
+    // batch size; only a topic limit below it would then refuse batches of small records.
+    let smallest_max_message_bytes = smallest_max_message_bytes(kafka, &written, runtime)
+        .unwrap_or_else(|error| {
+            tracing::warn!(%error, "cannot read max.message.bytes of the output topics; keeping the producer's batch size");
+            None
+        });
     Ok(Some(Topology {
         inputs: inputs.into_iter().collect(),
         changelogs,

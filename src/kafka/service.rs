@@ -301,6 +301,13 @@ enum BatchFailure {
     /// Outputs the producer or the broker refused as too large (by index in the batch's
     /// outputs): their records go to the DLQ on the next attempt.
     Refused(Vec<RefusedOutput>),
+    /// At-least-once: outputs and changelog records were delivered but the offset commit
+    /// failed (it may even have landed). The batch's state is durable in the changelog, so it
+    /// is kept; the batch is then retried from the committed offsets.
+    OffsetsUncommitted {
+        reason: String,
+        changelog_offsets: Vec<ChangelogOffset>,
+    },
     Fatal(ServiceError),
 }
 
@@ -627,11 +634,12 @@ impl<S: StateStore> Worker<'_, S> {
                     records.clear();
                 }
                 if !revoked.is_empty() {
-                    records.retain(|record| {
-                        !revoked.iter().any(|(topic, partition)| {
-                            *topic == record.topic && *partition == record.partition
-                        })
-                    });
+                    let is_revoked = |topic: &str, partition: i32| {
+                        revoked.iter().any(|(t, p)| t == topic && *p == partition)
+                    };
+                    records.retain(|record| !is_revoked(&record.topic, record.partition));
+                    self.refusals
+                        .retain(|(_, origin), _| !is_revoked(&origin.topic, origin.partition));
                     // What was committed for those partitions goes to the store now, so a
                     // later reassignment restores on top of it; cached state of partitions
                     // another instance may now change is dropped.
@@ -722,7 +730,7 @@ impl<S: StateStore> Worker<'_, S> {
                 );
                 self.rewind()
             }
-            BatchFailure::Retry(reason) => {
+            BatchFailure::Retry(reason) | BatchFailure::OffsetsUncommitted { reason, .. } => {
                 *attempts += 1;
                 self.options
                     .metrics
@@ -821,8 +829,12 @@ impl<S: StateStore> Worker<'_, S> {
             offsets,
             records: record_count,
         } = processed;
-        let changelog_offsets = match delivered {
-            Ok(offsets) => offsets,
+        let (changelog_offsets, retry) = match delivered {
+            Ok(offsets) => (offsets, None),
+            Err(BatchFailure::OffsetsUncommitted {
+                reason,
+                changelog_offsets,
+            }) => (changelog_offsets, Some(reason)),
             Err(failure) => {
                 // Staged state of the failed batch must not be seen by the next attempt; the
                 // committed states still only in memory go to the store first, or the retry
@@ -853,6 +865,10 @@ impl<S: StateStore> Worker<'_, S> {
                 .insert((write.pipeline.clone(), write.entity.clone()), write);
         }
         self.unsaved_records += record_count;
+        if let Some(reason) = retry {
+            // The states are kept (above); counts wait for the attempt whose offsets commit.
+            return Err(BatchFailure::Retry(reason));
+        }
         self.options.metrics.add(&tally);
         self.tally.merge(tally);
         if self.unsaved_records >= self.options.flush_records {
@@ -1111,10 +1127,7 @@ impl<S: StateStore> Delivery<'_, S> {
                         self.options.kafka.transaction_timeout,
                     )
                     .map_err(|error| classify("send_offsets_to_transaction", error, id))?;
-                self.producer
-                    .commit_transaction(self.options.kafka.transaction_timeout * 2)
-                    .map_err(|error| classify("commit_transaction", error, id))?;
-                Ok(())
+                self.commit_with_retries()
             });
         match committed {
             Ok(()) => self.await_deliveries(in_flight.unwrap_or_default()),
@@ -1126,9 +1139,11 @@ impl<S: StateStore> Delivery<'_, S> {
                         BatchFailure::Retry(again) => BatchFailure::Fatal(ServiceError::Topology(
                             format!("abort_transaction failed: {again}"),
                         )),
-                        BatchFailure::Refused(_) => BatchFailure::Fatal(ServiceError::Topology(
-                            "abort_transaction failed".to_owned(),
-                        )),
+                        BatchFailure::Refused(_) | BatchFailure::OffsetsUncommitted { .. } => {
+                            BatchFailure::Fatal(ServiceError::Topology(
+                                "abort_transaction failed".to_owned(),
+                            ))
+                        }
                     })?;
                 // After the abort every delivery has its report: refusals among them say
                 // which records go to the DLQ on the next attempt.
@@ -1143,6 +1158,35 @@ impl<S: StateStore> Delivery<'_, S> {
         }
     }
 
+    /// `commit_transaction`, called again after a retriable error (a timed-out commit may be
+    /// called again, librdkafka 2.0 and later); an abort while a commit is still in progress
+    /// would fail.
+    fn commit_with_retries(&self) -> Result<(), BatchFailure> {
+        const COMMIT_ATTEMPTS: u32 = 3;
+        let mut attempt = 1;
+        loop {
+            let error = match self
+                .producer
+                .commit_transaction(self.options.kafka.transaction_timeout * 2)
+            {
+                Ok(()) => return Ok(()),
+                Err(error) => error,
+            };
+            let retriable = match &error {
+                KafkaError::Transaction(rd_error) => {
+                    rd_error.is_retriable() && !rd_error.txn_requires_abort()
+                }
+                KafkaError::Flush(_) => true,
+                _ => false,
+            };
+            if !retriable || attempt >= COMMIT_ATTEMPTS {
+                return Err(classify("commit_transaction", error, self.transactional_id));
+            }
+            tracing::warn!(%error, attempt, "commit_transaction did not finish; calling it again");
+            attempt += 1;
+        }
+    }
+
     /// Outputs delivered, then changelog records delivered, then offsets committed.
     fn commit_at_least_once(
         &self,
@@ -1154,10 +1198,16 @@ impl<S: StateStore> Delivery<'_, S> {
         self.await_deliveries(output_deliveries)?;
         let changelog_deliveries = self.send_all(&[], changelog_records)?;
         let changelog_offsets = self.await_deliveries(changelog_deliveries)?;
-        self.consumer
-            .commit(offsets, CommitMode::Sync)
-            .map_err(|error| classify("commit offsets", error, self.transactional_id))?;
-        Ok(changelog_offsets)
+        match self.consumer.commit(offsets, CommitMode::Sync) {
+            Ok(()) => Ok(changelog_offsets),
+            Err(error) => match classify("commit offsets", error, self.transactional_id) {
+                BatchFailure::Retry(reason) => Err(BatchFailure::OffsetsUncommitted {
+                    reason,
+                    changelog_offsets,
+                }),
+                other => Err(other),
+            },
+        }
     }
 
     /// Sends outputs and changelog records; returns what is in flight and what the producer

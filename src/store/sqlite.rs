@@ -71,10 +71,12 @@ impl SqliteStore {
         .pragma("cache_size", "-16384")
         // Multi-row upserts write a statement journal; keep it off the disk.
         .pragma("temp_store", "memory");
-        // One connection: the store has one writer, and a second connection to `:memory:`
-        // would see a different database.
+        // A file in WAL mode takes one writer and readers beside it: lanes load states while a
+        // save runs behind. `:memory:` gets one connection, as a second one would see a
+        // different database.
+        let connections = if display == ":memory:" { 1 } else { 3 };
         let pool = SqlitePoolOptions::new()
-            .max_connections(1)
+            .max_connections(connections)
             .connect_with(options)
             .await
             .map_err(open_error)?;
