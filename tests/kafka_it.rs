@@ -111,10 +111,27 @@ fn assert_exactly(actual: &[(String, String, String)], expected: &[(String, Stri
         ids.len(),
         "an event id appears twice: {actual:#?}"
     );
+    let (actual_ids, expected_ids): (BTreeSet<&String>, BTreeSet<&String>) = (
+        actual.iter().map(|(_, id, _)| id).collect(),
+        expected.iter().map(|(_, id, _)| id).collect(),
+    );
+    let missing: Vec<&(String, String, String)> = expected
+        .iter()
+        .filter(|(_, id, _)| !actual_ids.contains(id))
+        .collect();
+    let extra: Vec<&(String, String, String)> = actual
+        .iter()
+        .filter(|(_, id, _)| !expected_ids.contains(id))
+        .collect();
     assert_eq!(
         per_entity(actual),
         per_entity(expected),
-        "events per entity differ from the replay oracle"
+        "events per entity differ from the replay oracle: {} missing (first: {:?}), {} extra \
+         (first: {:?})",
+        missing.len(),
+        &missing[..missing.len().min(10)],
+        extra.len(),
+        &extra[..extra.len().min(10)]
     );
 }
 
@@ -649,8 +666,10 @@ fn zombie_instance_is_fenced_and_output_stays_exact() {
     std::thread::sleep(Duration::from_secs(5));
     let after = events(&read_topic(&output, "read_committed", 3_000));
     let zombie_log = zombie.log_text();
+    let other_log = other.log_text();
     let _ = zombie.stop(Duration::from_secs(40));
     assert!(other.stop(Duration::from_secs(40)).success());
+    eprintln!("other instance's log:\n{other_log}");
     // The zombie lost its partitions (or its producer was fenced) while it was stopped.
     assert!(
         zombie_log.contains("partitions revoked") || zombie_log.contains("fenced"),
@@ -662,6 +681,17 @@ fn zombie_instance_is_fenced_and_output_stays_exact() {
         actual.len(),
         "the zombie committed more events after it resumed"
     );
+    if per_entity(&after) != per_entity(&expected) {
+        let present: BTreeSet<&String> = after.iter().map(|(_, id, _)| id).collect();
+        let origins = expected_origins(&scenario.config, &records);
+        let mut missing: Vec<usize> = expected
+            .iter()
+            .filter(|(_, id, _)| !present.contains(id))
+            .filter_map(|(_, id, _)| origins.get(id).copied())
+            .collect();
+        missing.sort_unstable();
+        eprintln!("input records behind missing events: {missing:?}");
+    }
     assert_exactly(&after, &expected);
     assert_no_hanging_transaction(&output);
 }

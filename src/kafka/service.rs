@@ -190,13 +190,9 @@ impl<S: StateStore> ConsumerContext for RebalanceContext<S> {
                     self.push(AssignmentEvent::Failed(failure.to_string()));
                     return;
                 }
-                self.health.set_restoring(true);
-                let restored = self.restorer.restore(&list);
-                self.health.set_restoring(false);
-                if let Err(failure) = restored {
-                    self.push(AssignmentEvent::Failed(failure.to_string()));
-                    return;
-                }
+                // Stable committed offsets first: they wait for a transaction the partitions'
+                // previous owner still has open (a zombie may yet commit it), and only once it
+                // is resolved does the changelog hold every state those offsets stand for.
                 let positioned = match committed_positions(consumer, partitions, self.patience) {
                     Ok(positioned) => positioned,
                     Err(failure) => {
@@ -204,6 +200,13 @@ impl<S: StateStore> ConsumerContext for RebalanceContext<S> {
                         return;
                     }
                 };
+                self.health.set_restoring(true);
+                let restored = self.restorer.restore(&list);
+                self.health.set_restoring(false);
+                if let Err(failure) = restored {
+                    self.push(AssignmentEvent::Failed(failure.to_string()));
+                    return;
+                }
                 let result = if cooperative {
                     consumer.incremental_assign(&positioned)
                 } else {
@@ -700,6 +703,7 @@ impl<S: StateStore> Worker<'_, S> {
                 *attempts = 0;
                 let metrics = &self.options.metrics;
                 metrics.batches.with_label_values(&["committed"]).inc();
+                tracing::debug!(records = self.tally.records_read, "batch committed");
                 metrics.last_commit_seconds.set(now_ms() as f64 / 1000.0);
                 self.options.health.set_failing(false);
                 self.report_progress();
@@ -848,6 +852,19 @@ impl<S: StateStore> Worker<'_, S> {
                 return Err(failure);
             }
         };
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let next: Vec<String> = offsets
+                .elements()
+                .iter()
+                .map(|e| format!("{}/{}@{:?}", e.topic(), e.partition(), e.offset()))
+                .collect();
+            tracing::debug!(
+                ?next,
+                records = record_count,
+                uncommitted = retry.is_some(),
+                "batch delivered"
+            );
+        }
         self.refusals.retain(|(_, origin), _| {
             offsets
                 .find_partition(&origin.topic, origin.partition)

@@ -191,7 +191,10 @@ impl Service {
         let child = Command::new(env!("CARGO_BIN_EXE_cdcflow"))
             .args(["run", "--config"])
             .arg(config)
-            .env("CDCFLOW_LOG", "info,rdkafka=warn")
+            .env(
+                "CDCFLOW_LOG",
+                "info,cdcflow::kafka::service=debug,rdkafka=warn",
+            )
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
@@ -388,6 +391,37 @@ fn wait_for_marker(topic: &str, marker: &str, timeout: Duration) -> bool {
 /// Expected events of an input, computed by `cdcflow replay` (in memory) on the same records:
 /// ids are deterministic, so the replay is the oracle. Returns (key, id, type) in order.
 pub fn expected_events(config: &Path, records: &[Record]) -> Vec<(String, String, String)> {
+    oracle_events(config, records)
+        .into_iter()
+        .map(|(key, event)| {
+            (
+                key,
+                event["id"].as_str().unwrap().to_owned(),
+                event["type"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// For diagnosing a failure: the index in `records` of the input record behind each expected
+/// event id (from the oracle's `causationid`, `topic/0/index`).
+pub fn expected_origins(config: &Path, records: &[Record]) -> BTreeMap<String, usize> {
+    oracle_events(config, records)
+        .into_iter()
+        .filter_map(|(_, event)| {
+            let index = event["causationid"]
+                .as_str()?
+                .rsplit('/')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((event["id"].as_str()?.to_owned(), index))
+        })
+        .collect()
+}
+
+/// (key, CloudEvent) of every event `cdcflow replay` derives from `records`, in order.
+fn oracle_events(config: &Path, records: &[Record]) -> Vec<(String, Value)> {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("input.jsonl");
     let mut lines = String::new();
@@ -423,11 +457,7 @@ pub fn expected_events(config: &Path, records: &[Record]) -> Vec<(String, String
         .filter(|line| line["kind"] == "event")
         .map(|line| {
             let event: Value = serde_json::from_str(line["payload"].as_str().unwrap()).unwrap();
-            (
-                line["key"].as_str().unwrap().to_owned(),
-                event["id"].as_str().unwrap().to_owned(),
-                event["type"].as_str().unwrap().to_owned(),
-            )
+            (line["key"].as_str().unwrap().to_owned(), event)
         })
         .collect()
 }
