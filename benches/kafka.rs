@@ -188,7 +188,6 @@ fn main() {
     let topics = [
         NewTopic::new(&input, PARTITIONS, TopicReplication::Fixed(1)),
         NewTopic::new(&customers, PARTITIONS, TopicReplication::Fixed(1)),
-        NewTopic::new(&raw_output, PARTITIONS, TopicReplication::Fixed(1)),
     ];
     for result in runtime
         .block_on(admin.create_topics(topics.iter(), &AdminOptions::new()))
@@ -219,20 +218,35 @@ fn main() {
         .set("bootstrap.servers", &bootstrap)
         .create()
         .unwrap();
-    let mut raw = Command::new(std::env::current_exe().unwrap());
-    raw.args([
-        "--raw-pipe",
-        &bootstrap,
-        &input,
-        &raw_output,
-        &format!("{prefix}raw"),
-        &records.to_string(),
-    ]);
-    let (raw_seconds, raw_rss) =
-        measure(raw, || end_offsets(&probe, &raw_output) >= records as i64);
-    let raw_rate = records as f64 / raw_seconds;
+    // The ceiling varies from run to run on a shared 2-core machine: take the median of three.
+    let mut raw_runs: Vec<(f64, f64)> = (0..3)
+        .map(|attempt| {
+            let output = format!("{raw_output}{attempt}");
+            let topic = NewTopic::new(&output, PARTITIONS, TopicReplication::Fixed(1));
+            for result in runtime
+                .block_on(admin.create_topics([&topic], &AdminOptions::new()))
+                .unwrap()
+            {
+                result.expect("topic created");
+            }
+            let mut raw = Command::new(std::env::current_exe().unwrap());
+            raw.args([
+                "--raw-pipe",
+                &bootstrap,
+                &input,
+                &output,
+                &format!("{prefix}raw{attempt}"),
+                &records.to_string(),
+            ]);
+            let (seconds, rss) = measure(raw, || end_offsets(&probe, &output) >= records as i64);
+            (records as f64 / seconds, rss)
+        })
+        .collect();
+    raw_runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (raw_rate, raw_rss) = raw_runs[1];
     println!(
-        "raw pipe:              {raw_rate:>9.0} records/s ({raw_seconds:.1}s), peak RSS {raw_rss:.0} MiB"
+        "raw pipe:              {raw_rate:>9.0} records/s (median of {:.0}, {:.0}, {:.0}), peak RSS {raw_rss:.0} MiB",
+        raw_runs[0].0, raw_runs[1].0, raw_runs[2].0
     );
 
     let dir = tempfile::tempdir().unwrap();
