@@ -48,13 +48,14 @@ pub struct StateConfig {
     pub cache_entries: usize,
     /// Records between state saves; an entity changed many times in a window is written
     /// once. A crash repeats at most this window's outputs (with the same event ids).
-    /// Default 50,000.
+    /// Default 25,000 (with the Kafka service the save runs behind processing, and the
+    /// window's states are held twice while it does).
     #[serde(default = "default_flush_records")]
     pub flush_records: usize,
 }
 
 fn default_flush_records() -> usize {
-    50_000
+    25_000
 }
 
 fn default_state_path() -> PathBuf {
