@@ -526,9 +526,6 @@ struct Processed {
     records: usize,
 }
 
-/// A processed batch and the result of its commit.
-type Committed = (Processed, Result<Vec<ChangelogOffset>, BatchFailure>);
-
 /// What one poll loop collected.
 #[derive(Default)]
 struct Collected {
@@ -611,14 +608,18 @@ impl<S: StateStore> Worker<'_, S> {
             let delivered = self
                 .delivery
                 .deliver(&processed.outcome, &processed.offsets);
-            self.settle((processed, delivered), &mut attempts)?;
+            self.settle(processed, delivered, &mut attempts)?;
         }
     }
 
     /// Applies a batch's commit result: the bookkeeping of a committed batch, or the recovery
-    /// of a failed one. Returns whether the batch committed.
-    fn settle(&mut self, committed: Committed, attempts: &mut u32) -> Result<bool, ServiceError> {
-        let (processed, delivered) = committed;
+    /// of a failed one.
+    fn settle(
+        &mut self,
+        processed: Processed,
+        delivered: Result<Vec<ChangelogOffset>, BatchFailure>,
+        attempts: &mut u32,
+    ) -> Result<(), ServiceError> {
         match self.finish_batch(processed, delivered) {
             Ok(()) => {
                 *attempts = 0;
@@ -628,12 +629,9 @@ impl<S: StateStore> Worker<'_, S> {
                 metrics.last_commit_seconds.set(now_ms() as f64 / 1000.0);
                 self.options.health.set_failing(false);
                 self.report_progress();
-                Ok(true)
+                Ok(())
             }
-            Err(failure) => {
-                self.recover(failure, attempts)?;
-                Ok(false)
-            }
+            Err(failure) => self.recover(failure, attempts),
         }
     }
 
