@@ -1,5 +1,6 @@
 //! The HTTP endpoint of `cdcflow run`: `/metrics` (Prometheus text format), `/healthz` (the
-//! process is alive) and `/readyz` (joined, restored, and the last batch committed).
+//! process is alive) and `/readyz` (partitions assigned and restored, no failed batch being
+//! retried, not stopping).
 
 use std::net::SocketAddr;
 use std::sync::Arc;

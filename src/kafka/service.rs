@@ -8,7 +8,6 @@
 //!
 //! At-least-once, per batch: outputs are produced and delivered, then changelog records, then
 //! offsets are committed. A crash can repeat an output (same event id), never lose one.
-//!
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -128,12 +127,42 @@ impl<S> RebalanceContext<S> {
     }
 }
 
+impl<S: StateStore> RebalanceContext<S> {
+    /// Takes over assigned partitions: stable offsets, then their state, then the assignment.
+    fn assign(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        partitions: &TopicPartitionList,
+        list: &[(String, i32)],
+        cooperative: bool,
+    ) -> Result<(), String> {
+        self.saving
+            .finish()
+            .map_err(|failure| failure.to_string())?;
+        // Stable committed offsets first: they wait for a transaction the partitions' previous
+        // owner still has open (a zombie may yet commit it), and only once it is resolved does
+        // the changelog hold every state those offsets stand for.
+        let positioned = committed_positions(consumer, partitions, self.patience)
+            .map_err(|failure| failure.to_string())?;
+        self.restorer
+            .restore(list)
+            .map_err(|failure| failure.to_string())?;
+        let result = if cooperative {
+            consumer.incremental_assign(&positioned)
+        } else {
+            consumer.assign(&positioned)
+        };
+        result.map_err(|failure| format!("cannot assign {list:?}: {failure}"))
+    }
+}
+
 impl<S: StateStore> ClientContext for RebalanceContext<S> {}
 
 impl<S: StateStore> ConsumerContext for RebalanceContext<S> {
-    /// Assign: restore the partitions' state from the changelog, then position each partition
-    /// at its committed offset explicitly (prefetched records of an earlier assignment must
-    /// not be handed out again). Revoke: tell the loop, which drops what it holds of them.
+    /// Assign: read the partitions' stable committed offsets, restore their state from the
+    /// changelog, then position each partition at its committed offset explicitly (prefetched
+    /// records of an earlier assignment must not be handed out again). Revoke: tell the loop,
+    /// which drops what it holds of them.
     fn rebalance(
         &self,
         consumer: &BaseConsumer<Self>,
@@ -152,36 +181,12 @@ impl<S: StateStore> ConsumerContext for RebalanceContext<S> {
         match error {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 tracing::info!(partitions = ?list, "partitions assigned; restoring their state");
-                if let Err(failure) = self.saving.finish() {
-                    self.push(AssignmentEvent::Failed(failure.to_string()));
-                    return;
-                }
-                // Stable committed offsets first: they wait for a transaction the partitions'
-                // previous owner still has open (a zombie may yet commit it), and only once it
-                // is resolved does the changelog hold every state those offsets stand for.
-                let positioned = match committed_positions(consumer, partitions, self.patience) {
-                    Ok(positioned) => positioned,
-                    Err(failure) => {
-                        self.push(AssignmentEvent::Failed(failure.to_string()));
-                        return;
-                    }
-                };
                 self.health.set_restoring(true);
-                let restored = self.restorer.restore(&list);
+                let assigned = self.assign(consumer, partitions, &list, cooperative);
                 self.health.set_restoring(false);
-                if let Err(failure) = restored {
-                    self.push(AssignmentEvent::Failed(failure.to_string()));
-                    return;
-                }
-                let result = if cooperative {
-                    consumer.incremental_assign(&positioned)
-                } else {
-                    consumer.assign(&positioned)
-                };
-                if let Err(failure) = result {
-                    self.push(AssignmentEvent::Failed(format!(
-                        "cannot assign {list:?}: {failure}"
-                    )));
+                match assigned {
+                    Ok(()) => self.health.set_joined(true),
+                    Err(failure) => self.push(AssignmentEvent::Failed(failure)),
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -397,7 +402,6 @@ pub fn run_service<S: StateStore>(
     consumer
         .subscribe(&inputs)
         .map_err(kafka_error(format!("cannot subscribe to {inputs:?}")))?;
-    options.health.set_joined(true);
     tracing::info!(
         group = %kafka.group_id,
         %transactional_id,
@@ -584,6 +588,8 @@ impl<S: StateStore> Worker<'_, S> {
                 // instance may now change is dropped.
                 self.flush_store()?;
                 self.clear_caches();
+                // A batch being retried may have belonged to them; the next one tells.
+                self.options.health.set_failing(false);
             }
             if stopping {
                 self.options.health.set_stopping();
@@ -625,7 +631,7 @@ impl<S: StateStore> Worker<'_, S> {
                 *attempts = 0;
                 let metrics = &self.options.metrics;
                 metrics.batches.with_label_values(&["committed"]).inc();
-                tracing::debug!(records = self.tally.records_read, "batch committed");
+                tracing::debug!(records_total = self.tally.records_read, "batch committed");
                 metrics.last_commit_seconds.set(now_ms() as f64 / 1000.0);
                 self.options.health.set_failing(false);
                 self.report_progress();
@@ -801,12 +807,13 @@ impl<S: StateStore> Worker<'_, S> {
                 .insert((write.pipeline.clone(), write.entity.clone()), write);
         }
         self.unsaved_records += record_count;
-        if let Some(reason) = retry {
-            // The states are kept (above); counts wait for the attempt whose offsets commit.
-            return Err(BatchFailure::Retry(reason));
-        }
+        // Outputs were delivered either way: they count.
         self.options.metrics.add(&tally);
         self.tally.merge(tally);
+        if let Some(reason) = retry {
+            // The states are kept (above); the retry finds its records already applied.
+            return Err(BatchFailure::Retry(reason));
+        }
         if self.unsaved_records >= self.options.flush_records {
             self.save_behind().map_err(BatchFailure::Fatal)?;
         }
@@ -885,7 +892,11 @@ impl<S: StateStore> Worker<'_, S> {
                 outcome.outputs.get(*index),
                 outcome.output_origins.get(*index),
             ) else {
-                continue;
+                // Refused retries do not count against the attempts: never loop on one that
+                // cannot be attributed.
+                return Err(ServiceError::Topology(format!(
+                    "a refused output (#{index}) has no input record; stopping"
+                )));
             };
             let topic = &output.topic;
             let size = output.size();
@@ -916,8 +927,8 @@ impl<S: StateStore> Worker<'_, S> {
                         reason: "output_refused",
                         message: format!(
                             "`{topic}` refused this record's {} ({size} bytes): {error}; \
-                             raise max.message.bytes on `{topic}` or set \
-                             limits.max_output_bytes below it",
+                             raise max.message.bytes on `{topic}` (and the producer's \
+                             message.max.bytes) or set limits.max_output_bytes below them",
                             output.kind.as_str()
                         ),
                     });
@@ -1022,10 +1033,23 @@ impl<S: StateStore> Delivery<'_, S> {
                 Some((index, write))
             })
             .collect();
-        if self.options.kafka.delivery == DeliveryConfig::ExactlyOnce {
+        let delivered = if self.options.kafka.delivery == DeliveryConfig::ExactlyOnce {
             self.commit_transactionally(&outcome.outputs, &changelog_records, offsets)
         } else {
             self.commit_at_least_once(&outcome.outputs, &changelog_records, offsets)
+        };
+        match delivered {
+            // Without the topics' limits the producer's batches were not capped, so the broker
+            // may have refused a whole batch of small records: no record can be blamed.
+            Err(BatchFailure::Refused(_)) if self.topology.smallest_max_message_bytes.is_none() => {
+                Err(BatchFailure::Retry(
+                    "outputs refused as too large, and the topics' max.message.bytes could not \
+                     be read at start (DescribeConfigs), so the record at fault is unknown; \
+                     grant DescribeConfigs on the output topics or raise their limits"
+                        .to_owned(),
+                ))
+            }
+            other => other,
         }
     }
 
@@ -1066,7 +1090,16 @@ impl<S: StateStore> Delivery<'_, S> {
                 self.commit_with_retries()
             });
         match committed {
-            Ok(()) => self.await_deliveries(in_flight.unwrap_or_default()),
+            // After a commit every delivery succeeded; a failed report here means the state
+            // of this instance cannot be trusted: stop, and a restart restores it.
+            Ok(()) => self
+                .await_deliveries(in_flight.unwrap_or_default())
+                .map_err(|failure| match failure {
+                    BatchFailure::Fatal(fatal) => BatchFailure::Fatal(fatal),
+                    _ => BatchFailure::Fatal(ServiceError::Topology(
+                        "a delivery of a committed transaction reported a failure".to_owned(),
+                    )),
+                }),
             Err(BatchFailure::Retry(reason)) => {
                 self.producer
                     .abort_transaction(self.options.kafka.transaction_timeout * 2)

@@ -8,8 +8,8 @@
 //! answer is certain: any case where CEL would raise an error (a missing field, a field of
 //! null, mismatched types) or where its semantics are subtle (mixed numeric types, NaN) yields
 //! `None`, and the caller asks the CEL interpreter, so results and error messages are CEL's
-//! own. Expressions outside the subset are never compiled here. `tests/` compares both paths
-//! on generated inputs.
+//! own. Expressions outside the subset are never compiled here. The tests below compare both
+//! paths on generated expressions and inputs.
 
 use cel::IdedExpr;
 use cel::common::ast::{EntryExpr, Expr, LiteralValue, operators};
@@ -351,7 +351,7 @@ fn compare(comparison: Comparison, left: &Val<'_>, right: &Val<'_>) -> Option<bo
     match comparison {
         Comparison::Equal => Some(ordering == Some(Ordering::Equal)),
         Comparison::NotEqual => Some(ordering != Some(Ordering::Equal)),
-        // Ordering nulls or bools is left to CEL (it has no overload for them).
+        // Ordering nulls or bools is left to CEL, whatever it decides.
         _ if null_against_value || matches!(left, Val::Null | Val::Bool(_)) => None,
         Comparison::Less => Some(ordering? == Ordering::Less),
         Comparison::LessOrEqual => Some(ordering? != Ordering::Greater),
