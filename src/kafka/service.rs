@@ -241,17 +241,8 @@ fn committed_positions<C: ConsumerContext>(
         }
     };
     let mut positioned = TopicPartitionList::new();
+    first_partition_error(&committed, "cannot read the committed offset")?;
     for element in committed.elements() {
-        if let Err(error) = element.error() {
-            return Err(ServiceError::Kafka {
-                context: format!(
-                    "cannot read the committed offset of `{}` partition {}",
-                    element.topic(),
-                    element.partition()
-                ),
-                source: error,
-            });
-        }
         let offset = match element.offset() {
             Offset::Offset(offset) if offset >= 0 => Offset::Offset(offset),
             _ => Offset::Beginning,
@@ -960,19 +951,7 @@ impl<S: StateStore> Worker<'_, S> {
             .consumer
             .seek_partitions(positioned, Duration::from_secs(10))
             .map_err(kafka_error("cannot rewind to the committed offsets"))?;
-        for element in sought.elements() {
-            if let Err(error) = element.error() {
-                return Err(ServiceError::Kafka {
-                    context: format!(
-                        "cannot rewind `{}` partition {} to its committed offset",
-                        element.topic(),
-                        element.partition()
-                    ),
-                    source: error,
-                });
-            }
-        }
-        Ok(())
+        first_partition_error(&sought, "cannot rewind to the committed offset")
     }
 
     /// Writes committed states and changelog checkpoints to the store and waits for it (and
@@ -1303,6 +1282,23 @@ impl<S: StateStore> Delivery<'_, S> {
             None => Ok(offsets),
         }
     }
+}
+
+/// The first per-partition error of a partition list, as ``<what>: `topic` partition p``.
+fn first_partition_error(list: &TopicPartitionList, what: &str) -> Result<(), ServiceError> {
+    for element in list.elements() {
+        if let Err(error) = element.error() {
+            return Err(ServiceError::Kafka {
+                context: format!(
+                    "{what}: `{}` partition {}",
+                    element.topic(),
+                    element.partition()
+                ),
+                source: error,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Why one record could not be handed to the producer.

@@ -281,30 +281,8 @@ impl Native {
             },
             Native::FieldChanged(field) => Some(Val::Bool(field_changed(scope, field))),
             Native::Not(operand) => Some(Val::Bool(!operand.eval(scope)?.as_bool()?)),
-            // CEL's logical operators are commutative over errors: `false && error` and
-            // `error && false` are both false.
-            Native::And(left, right) => {
-                let left = left.eval(scope).and_then(|v| v.as_bool());
-                if left == Some(false) {
-                    return Some(Val::Bool(false));
-                }
-                match (left, right.eval(scope).and_then(|v| v.as_bool())) {
-                    (_, Some(false)) => Some(Val::Bool(false)),
-                    (Some(true), Some(true)) => Some(Val::Bool(true)),
-                    _ => None,
-                }
-            }
-            Native::Or(left, right) => {
-                let left = left.eval(scope).and_then(|v| v.as_bool());
-                if left == Some(true) {
-                    return Some(Val::Bool(true));
-                }
-                match (left, right.eval(scope).and_then(|v| v.as_bool())) {
-                    (_, Some(true)) => Some(Val::Bool(true)),
-                    (Some(false), Some(false)) => Some(Val::Bool(false)),
-                    _ => None,
-                }
-            }
+            Native::And(left, right) => logical(left, right, false, scope),
+            Native::Or(left, right) => logical(left, right, true, scope),
             Native::Compare(comparison, left, right) => {
                 compare(*comparison, &left.eval(scope)?, &right.eval(scope)?).map(Val::Bool)
             }
@@ -323,6 +301,25 @@ impl Native {
                 Some(Val::Object(object))
             }
         }
+    }
+}
+
+/// `&&` (`decisive` false) or `||` (`decisive` true). CEL's logical operators are commutative
+/// over errors: `false && error` and `error && false` are both false, and so for `||` with true.
+fn logical<'a>(
+    left: &'a Native,
+    right: &'a Native,
+    decisive: bool,
+    scope: &Scope<'a>,
+) -> Option<Val<'a>> {
+    let left = left.eval(scope).and_then(|v| v.as_bool());
+    if left == Some(decisive) {
+        return Some(Val::Bool(decisive));
+    }
+    match (left, right.eval(scope).and_then(|v| v.as_bool())) {
+        (_, Some(right)) if right == decisive => Some(Val::Bool(decisive)),
+        (Some(_), Some(_)) => Some(Val::Bool(!decisive)),
+        _ => None,
     }
 }
 
