@@ -7,7 +7,8 @@
 //!
 //! Run: `cargo bench --bench kafka`. Uses `CDCFLOW_KAFKA_BOOTSTRAP`, or starts the local broker
 //! with `deploy/local/kafka.sh start`. `CDCFLOW_BENCH_RECORDS` / `CDCFLOW_BENCH_ENTITIES` change
-//! the size.
+//! the size. Every topic the run created is deleted at its end (1M records fill ~5 GB of
+//! broker log), unless `CDCFLOW_BENCH_KEEP_TOPICS=1`.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -295,4 +296,34 @@ fn main() {
             100.0 * rate / raw_rate
         );
     }
+    if std::env::var("CDCFLOW_BENCH_KEEP_TOPICS").is_err() {
+        delete_run_topics(&runtime, &admin, &probe, &prefix);
+    }
+}
+
+/// Deletes every topic whose name starts with this run's prefix.
+fn delete_run_topics(
+    runtime: &tokio::runtime::Runtime,
+    admin: &AdminClient<DefaultClientContext>,
+    probe: &BaseConsumer,
+    prefix: &str,
+) {
+    let metadata = probe
+        .fetch_metadata(None, Duration::from_secs(10))
+        .expect("metadata");
+    let names: Vec<&str> = metadata
+        .topics()
+        .iter()
+        .map(|topic| topic.name())
+        .filter(|name| name.starts_with(prefix))
+        .collect();
+    for result in runtime
+        .block_on(admin.delete_topics(&names, &AdminOptions::new()))
+        .expect("delete topics")
+    {
+        if let Err((topic, error)) = result {
+            eprintln!("could not delete `{topic}`: {error}");
+        }
+    }
+    eprintln!("deleted the run's {} topics", names.len());
 }
