@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use prometheus::{Gauge, IntCounterVec, Opts, Registry};
+use prometheus::{Gauge, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
 /// Counts of one pipeline.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -133,6 +133,10 @@ pub struct Metrics {
     pub batches: IntCounterVec,
     /// When the last batch committed: alert when it stops moving while input lags.
     pub last_commit_seconds: Gauge,
+    /// Time per batch in each phase of `cdcflow run`: `collect` (polling, including waiting
+    /// for input), `process` (decode, state, rules) and `deliver` (produce, commit). Their
+    /// sums show where the time goes.
+    pub batch_phase_seconds: HistogramVec,
 }
 
 impl Metrics {
@@ -188,8 +192,29 @@ impl Metrics {
                 registry.register(Box::new(gauge.clone()))?;
                 gauge
             },
+            batch_phase_seconds: {
+                let histogram = HistogramVec::new(
+                    HistogramOpts::new(
+                        "cdcflow_batch_phase_seconds",
+                        "Time per batch of cdcflow run in each phase: collect, process, deliver.",
+                    )
+                    .buckets(vec![
+                        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+                    ]),
+                    &["phase"],
+                )?;
+                registry.register(Box::new(histogram.clone()))?;
+                histogram
+            },
             registry,
         })
+    }
+
+    /// Records how long a phase of one batch took.
+    pub fn observe_phase(&self, phase: &str, started: std::time::Instant) {
+        self.batch_phase_seconds
+            .with_label_values(&[phase])
+            .observe(started.elapsed().as_secs_f64());
     }
 
     /// Adds a batch's counts.
