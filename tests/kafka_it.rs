@@ -576,19 +576,28 @@ fn crash_test_exactly_once_under_kill_9() {
     let scenario = Scenario::new("crash", "exactly_once", 3);
     let records = generated_orders(&scenario.topic("shop.public.orders"), 2_000, 50_000);
     let expected = expected_events(&scenario.config, &records);
-    produce(&records);
+    let topic = order_topics(&scenario).0;
+    // The input streams in over the five rounds (about 20 s), so every round has work.
+    let streaming = produce_paced(records, 2_500);
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut inside = 0;
     for round in 0..5 {
         let service = scenario.start(&format!("run-{round}.log"));
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
-        // Start-up and restore take a few seconds; kill somewhere in the processing after.
-        std::thread::sleep(Duration::from_millis(3_500 + seed % 2_500));
+        // Start-up and restore take a few seconds; kill somewhere in the processing after,
+        // at the next moment a transaction holds records (a batch commits in milliseconds,
+        // so a blind kill mostly lands between transactions).
+        std::thread::sleep(Duration::from_millis(2_500 + seed % 2_000));
+        if wait_for_open_transaction(&topic, Duration::from_secs(3)) {
+            inside += 1;
+        }
         service.kill();
     }
+    eprintln!("{inside} of 5 kills saw an open transaction");
+    streaming.join().expect("input produced");
     let service = scenario.start("run-final.log");
-    let topic = order_topics(&scenario).0;
     let committed = events(&wait_for(&topic, expected.len(), Duration::from_secs(240)));
     assert!(service.stop(Duration::from_secs(30)).success());
     assert_exactly(&committed, &expected);

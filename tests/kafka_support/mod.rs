@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
 
@@ -121,6 +122,60 @@ pub fn produce(records: &[Record]) {
             future.await.unwrap().expect("delivered");
         }
     });
+}
+
+/// Produces `records` from a background thread at about `per_second`, so that they stream in
+/// while a test stops and starts instances.
+pub fn produce_paced(records: Vec<Record>, per_second: usize) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        const TICK: Duration = Duration::from_millis(100);
+        let per_tick = (per_second / 10).max(1);
+        let started = Instant::now();
+        for (tick, chunk) in records.chunks(per_tick).enumerate() {
+            produce(chunk);
+            let due = started + TICK * (tick as u32 + 1);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
+    })
+}
+
+/// Waits, up to `timeout`, until a partition of `topic` holds records of an open transaction
+/// (a read_uncommitted reader's end offset is past the last stable offset, where a
+/// read_committed reader's ends); false if none was seen.
+pub fn wait_for_open_transaction(topic: &str, timeout: Duration) -> bool {
+    let reader = |isolation: &str| -> BaseConsumer {
+        ClientConfig::new()
+            .set("bootstrap.servers", bootstrap())
+            .set("isolation.level", isolation)
+            .create()
+            .expect("consumer")
+    };
+    let (uncommitted, committed) = (reader("read_uncommitted"), reader("read_committed"));
+    let Ok(metadata) = committed.fetch_metadata(Some(topic), Duration::from_secs(5)) else {
+        return false;
+    };
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|topic| topic.partitions())
+        .map(|partition| partition.id())
+        .collect();
+    let end = |consumer: &BaseConsumer, partition: i32| {
+        consumer
+            .fetch_watermarks(topic, partition, Duration::from_secs(5))
+            .map_or(0, |(_, high)| high)
+    };
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        // Both ends of one partition back to back: a transaction stays open only milliseconds.
+        if partitions
+            .iter()
+            .any(|&partition| end(&uncommitted, partition) > end(&committed, partition))
+        {
+            return true;
+        }
+    }
+    false
 }
 
 /// Reads the kcat JSON Lines of an example input: (topic, key, value) per line.
