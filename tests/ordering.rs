@@ -169,3 +169,60 @@ proptest! {
         prop_assert_eq!(second.states, first.states);
     }
 }
+
+/// A lane decodes and applies its records in chunks (to bound memory): the outputs are the
+/// whole batch's, in order, and an entity changed in several chunks is written once, in its
+/// last state.
+#[test]
+fn chunked_processing_matches_the_whole_batch() {
+    const STATUSES: [&str; 4] = ["pending", "paid", "shipped", "cancelled"];
+    let records: Vec<RawRecord> = (0..2_500u64)
+        .map(|offset| {
+            let id = (offset % 7) as i64;
+            let op = if offset < 7 { "c" } else { "u" };
+            let status = STATUSES[(offset as usize / 7) % 4];
+            let value = order_change(op, id, Some(status), 1_000 + offset * 8);
+            record(
+                ORDERS_TOPIC,
+                offset as i64,
+                Some(json!({"id": id})),
+                Some(&value),
+            )
+        })
+        .collect();
+    let pipelines = pipelines(ORDERS_CONFIG);
+    let processor = BatchProcessor::new(&pipelines);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let mut process = |chunked: bool| {
+        let store = MemoryStore::new();
+        let mut cache = StateCache::new(pipelines.len(), 100);
+        let mut tally = Tally::default();
+        runtime
+            .block_on(async {
+                if chunked {
+                    processor
+                        .process_in_chunks(records.clone(), &mut cache, &store, &mut tally, 0)
+                        .await
+                } else {
+                    processor
+                        .process(&records, &mut cache, &store, &mut tally, 0)
+                        .await
+                }
+            })
+            .unwrap()
+    };
+    let (whole, chunked) = (process(false), process(true));
+    assert!(whole.outputs.len() > 1_000, "the records fire events");
+    assert_eq!(chunked.outputs, whole.outputs);
+    assert_eq!(chunked.output_origins, whole.output_origins);
+    let states = |writes: &[cdcflow::store::StateWrite]| -> BTreeMap<String, EntityState> {
+        writes
+            .iter()
+            .map(|write| (write.entity.clone(), write.state.clone()))
+            .collect()
+    };
+    assert_eq!(chunked.writes.len(), 7, "one write per entity");
+    assert_eq!(states(&chunked.writes), states(&whole.writes));
+}

@@ -849,9 +849,10 @@ impl<S: StateStore> Worker<'_, S> {
                     let processor = &processor;
                     scope.spawn(move || {
                         let mut tally = Tally::default();
-                        let decoded = processor.decode(lane);
                         runtime
-                            .block_on(processor.apply(decoded, cache, store, &mut tally, now))
+                            .block_on(
+                                processor.process_in_chunks(lane, cache, store, &mut tally, now),
+                            )
                             .map(|outcome| (outcome, tally))
                     })
                 })
