@@ -195,7 +195,7 @@ fn chunked_processing_matches_the_whole_batch() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let mut process = |chunked: bool| {
+    let process = |chunked: bool| {
         let store = MemoryStore::new();
         let mut cache = StateCache::new(pipelines.len(), 100);
         let mut tally = Tally::default();
