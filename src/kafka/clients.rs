@@ -53,7 +53,9 @@ pub(super) fn restore_consumer(kafka: &KafkaConfig) -> ClientConfig {
         // A checkpoint beyond a recreated changelog must restart from its beginning, not skip
         // to its end (librdkafka's default).
         .set("auto.offset.reset", "earliest")
-        .set("queued.max.messages.kbytes", "16384");
+        .set("queued.max.messages.kbytes", "16384")
+        // As for the group consumer: a full prefetch queue must not pause fetching for 1 s.
+        .set("fetch.queue.backoff.ms", "10");
     config
 }
 
