@@ -25,8 +25,10 @@ pub(super) fn group_consumer(kafka: &KafkaConfig) -> ClientConfig {
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
         .set("partition.assignment.strategy", "cooperative-sticky")
-        // Bounded prefetch (librdkafka's default is 64 MiB).
-        .set("queued.max.messages.kbytes", "16384")
+        // Bounded prefetch (librdkafka's default is 64 MiB). 8 MiB keeps up with 10,000-record
+        // batches once the backoff below is short (Kafka bench: same throughput as 16 MiB,
+        // ~30 MiB less peak RSS).
+        .set("queued.max.messages.kbytes", "8192")
         // Once the prefetch queue is full, librdkafka postpones the partition's next fetch by
         // this much (default 1 s): with batches of 10,000 records the queue fills every batch,
         // and the worker then waited for data a third of the time (Kafka bench, at-least-once:
@@ -53,7 +55,7 @@ pub(super) fn restore_consumer(kafka: &KafkaConfig) -> ClientConfig {
         // A checkpoint beyond a recreated changelog must restart from its beginning, not skip
         // to its end (librdkafka's default).
         .set("auto.offset.reset", "earliest")
-        .set("queued.max.messages.kbytes", "16384")
+        .set("queued.max.messages.kbytes", "8192")
         // As for the group consumer: a full prefetch queue must not pause fetching for 1 s.
         .set("fetch.queue.backoff.ms", "10");
     config
