@@ -139,43 +139,77 @@ pub fn produce_paced(records: Vec<Record>, per_second: usize) -> std::thread::Jo
     })
 }
 
-/// Waits, up to `timeout`, until a partition of `topic` holds records of an open transaction
-/// (a read_uncommitted reader's end offset is past the last stable offset, where a
-/// read_committed reader's ends); false if none was seen.
-pub fn wait_for_open_transaction(topic: &str, timeout: Duration) -> bool {
-    let reader = |isolation: &str| -> BaseConsumer {
-        ClientConfig::new()
-            .set("bootstrap.servers", bootstrap())
-            .set("isolation.level", isolation)
-            .create()
-            .expect("consumer")
-    };
-    let (uncommitted, committed) = (reader("read_uncommitted"), reader("read_committed"));
-    let Ok(metadata) = committed.fetch_metadata(Some(topic), Duration::from_secs(5)) else {
-        return false;
-    };
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .flat_map(|topic| topic.partitions())
-        .map(|partition| partition.id())
-        .collect();
-    let end = |consumer: &BaseConsumer, partition: i32| {
-        consumer
-            .fetch_watermarks(topic, partition, Duration::from_secs(5))
-            .map_or(0, |(_, high)| high)
-    };
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        // Both ends of one partition back to back: a transaction stays open only milliseconds.
-        if partitions
+/// Readers of `topic`'s end offsets: read_uncommitted sees records of open transactions,
+/// read_committed stops at the last stable offset.
+pub struct TransactionProbe {
+    topic: String,
+    uncommitted: BaseConsumer,
+    committed: BaseConsumer,
+    partitions: Vec<i32>,
+}
+
+impl TransactionProbe {
+    pub fn new(topic: &str) -> TransactionProbe {
+        let reader = |isolation: &str| -> BaseConsumer {
+            ClientConfig::new()
+                .set("bootstrap.servers", bootstrap())
+                .set("isolation.level", isolation)
+                .create()
+                .expect("consumer")
+        };
+        let committed = reader("read_committed");
+        let metadata = committed
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .expect("metadata");
+        let partitions = metadata
+            .topics()
             .iter()
-            .any(|&partition| end(&uncommitted, partition) > end(&committed, partition))
-        {
-            return true;
+            .flat_map(|topic| topic.partitions())
+            .map(|partition| partition.id())
+            .collect();
+        TransactionProbe {
+            topic: topic.to_owned(),
+            uncommitted: reader("read_uncommitted"),
+            committed,
+            partitions,
         }
     }
-    false
+
+    /// Whether a partition holds records past its last stable offset: records of an open
+    /// transaction, or of one whose commit markers are still being written.
+    pub fn records_past_stable_offset(&self) -> bool {
+        let end = |consumer: &BaseConsumer, partition: i32| {
+            consumer
+                .fetch_watermarks(&self.topic, partition, Duration::from_secs(5))
+                .map_or(0, |(_, high)| high)
+        };
+        self.partitions
+            .iter()
+            .any(|&partition| end(&self.uncommitted, partition) > end(&self.committed, partition))
+    }
+}
+
+/// Kills `service` with SIGKILL inside an open transaction writing `topic`, trying up to
+/// `timeout`: the process is frozen (SIGSTOP), the markers of a transaction it already
+/// committed get time to land, and only records still past the last stable offset mean a
+/// transaction the kill leaves open; otherwise it resumes (SIGCONT) and is tried again a moment
+/// later. Returns whether the kill landed inside a transaction (at the timeout it kills anyway).
+pub fn kill_inside_transaction(service: Service, topic: &str, timeout: Duration) -> bool {
+    let probe = TransactionProbe::new(topic);
+    let deadline = Instant::now() + timeout;
+    let mut attempt = 0u64;
+    loop {
+        service.signal("STOP");
+        std::thread::sleep(Duration::from_millis(300));
+        let inside = probe.records_past_stable_offset();
+        if inside || Instant::now() >= deadline {
+            service.kill();
+            return inside;
+        }
+        service.signal("CONT");
+        attempt += 1;
+        std::thread::sleep(Duration::from_millis(10 + attempt * 37 % 90));
+    }
 }
 
 /// Reads the kcat JSON Lines of an example input: (topic, key, value) per line.
