@@ -160,7 +160,19 @@ fn example_pipelines_end_to_end_exactly_once() {
             "no `{line}` in {metrics}"
         );
     }
-    assert!(metrics.contains("cdcflow_batches_total{result=\"committed\"}"));
+    let sample = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no `{name}` in {metrics}"))
+    };
+    let committed = sample("cdcflow_batches_total{result=\"committed\"}");
+    assert!(committed >= 1.0);
+    // Every committed batch was collected, processed and delivered once: no retries here.
+    for phase in ["collect", "process", "deliver"] {
+        let name = format!("cdcflow_batch_phase_seconds_count{{phase=\"{phase}\"}}");
+        assert_eq!(sample(&name), committed, "{name}");
+    }
     assert_eq!(service.http_get("/healthz").0, 200);
     assert_eq!(service.http_get("/readyz"), (200, "ready\n".to_owned()));
     let status = service.stop(Duration::from_secs(30));
