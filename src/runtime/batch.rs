@@ -190,6 +190,7 @@ impl<'p> BatchProcessor<'p> {
         tally: &mut Tally,
         now_ms: i64,
     ) -> Result<BatchOutcome, StoreError> {
+        let several_chunks = records.len() > CHUNK_RECORDS;
         let mut outcome = BatchOutcome::default();
         let mut records = records.into_iter();
         loop {
@@ -200,7 +201,10 @@ impl<'p> BatchProcessor<'p> {
             let decoded = self.decode(chunk);
             outcome.append(self.apply(decoded, cache, store, tally, now_ms).await?);
         }
-        outcome.keep_last_writes();
+        // One chunk's writes are already one per entity.
+        if several_chunks {
+            outcome.keep_last_writes();
+        }
         Ok(outcome)
     }
 
