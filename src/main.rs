@@ -5,7 +5,6 @@ use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::Context as _;
@@ -151,8 +150,7 @@ async fn run_command(config_path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&config_path)?;
     let pipelines = Arc::new(config.build_pipelines()?);
     let store = Arc::new(SqliteStore::open(&config.state.path).await?);
-    let shutdown = Arc::new(AtomicBool::new(false));
-    spawn_signal_handler(Arc::clone(&shutdown))?;
+    let shutdown = stop_signal()?;
     let metrics = Metrics::new().context("cannot register the metrics")?;
     let health = Arc::new(Health::default());
     if config.http.enabled {
@@ -189,19 +187,18 @@ async fn run_command(config_path: PathBuf) -> anyhow::Result<()> {
     Ok(result?)
 }
 
-/// SIGTERM and SIGINT ask the service to finish its batch and stop.
-fn spawn_signal_handler(shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
+/// A future that completes at SIGTERM or SIGINT: the service then finishes its batch and
+/// stops.
+fn stop_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
-    tokio::spawn(async move {
+    Ok(async move {
         tokio::select! {
             _ = terminate.recv() => tracing::info!("SIGTERM: finishing the batch, then stopping"),
             _ = interrupt.recv() => tracing::info!("SIGINT: finishing the batch, then stopping"),
         }
-        shutdown.store(true, Ordering::SeqCst);
-    });
-    Ok(())
+    })
 }
 
 async fn replay_command(

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use prometheus::{Gauge, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::{Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Counts of one pipeline.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -137,6 +137,13 @@ pub struct Metrics {
     /// for input), `process` (decode, state, rules) and `deliver` (produce, commit). Their
     /// sums show where the time goes.
     pub batch_phase_seconds: HistogramVec,
+    /// Partitions of `cdcflow run` by rebalance event: `assigned`, `revoked`, `lost` (taken
+    /// away without a clean revoke: a session timeout, a broker outage).
+    pub partition_events: IntCounterVec,
+    /// Errors librdkafka reported, by client (`consumer`, `producer`) and error code.
+    pub client_errors: IntCounterVec,
+    /// 1 while the consumer has a connection to at least one broker, 0 while none answers.
+    pub brokers_reachable: IntGauge,
 }
 
 impl Metrics {
@@ -205,6 +212,25 @@ impl Metrics {
                 )?;
                 registry.register(Box::new(histogram.clone()))?;
                 histogram
+            },
+            partition_events: counter(
+                "cdcflow_partition_events_total",
+                "Input partitions by rebalance event: assigned, revoked, lost.",
+                &["event"],
+            )?,
+            client_errors: counter(
+                "cdcflow_kafka_client_errors_total",
+                "Errors reported by librdkafka, by client and error code.",
+                &["client", "code"],
+            )?,
+            brokers_reachable: {
+                let gauge = IntGauge::new(
+                    "cdcflow_kafka_brokers_reachable",
+                    "1 while the consumer is connected to at least one broker, 0 otherwise.",
+                )?;
+                gauge.set(1);
+                registry.register(Box::new(gauge.clone()))?;
+                gauge
             },
             registry,
         })

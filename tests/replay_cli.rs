@@ -342,6 +342,10 @@ fn bad_config_names_key_and_fix() {
             "[http]\nlisten = \"localhost:http\"\n[[pipeline]]\nname = \"o\"\ntopics = [\"t\"]\n",
             "config key `http.listen`: invalid socket address syntax",
         ),
+        (
+            "[kafka]\nproducer = { \"transaction.timeout.ms\" = \"60000\" }\n[[pipeline]]\nname = \"o\"\ntopics = [\"t\"]\n",
+            "config key `kafka.producer.\"transaction.timeout.ms\"`: cdcflow manages this property to keep its delivery guarantee: set kafka.transaction_timeout instead",
+        ),
     ];
     for (index, (config, message)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("bad{index}.toml"));

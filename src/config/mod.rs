@@ -21,18 +21,64 @@ pub use model::{
     PayloadConfig, PipelineConfig, ReplayConfig, RuleConfig, StateConfig, VersionBy, VersionConfig,
 };
 
-/// librdkafka properties cdcflow sets itself to keep its guarantees; a pass-through of one of
-/// them is a config error.
-pub const MANAGED_PROPERTIES: [&str; 9] = [
-    "bootstrap.servers",
-    "group.id",
-    "enable.auto.commit",
-    "enable.auto.offset.store",
-    "auto.offset.reset",
-    "isolation.level",
-    "partition.assignment.strategy",
-    "transactional.id",
-    "enable.idempotence",
+/// librdkafka properties the runtime manages to keep its guarantees, each with what to do
+/// instead; a pass-through of one of them is a config error naming the key and the fix.
+pub const MANAGED_PROPERTIES: [(&str, &str); 15] = [
+    ("bootstrap.servers", "set kafka.bootstrap_servers instead"),
+    ("group.id", "set kafka.group_id instead"),
+    (
+        "transactional.id",
+        "it is `<kafka.group_id>-<kafka.instance_id>`: set kafka.instance_id instead",
+    ),
+    (
+        "transaction.timeout.ms",
+        "set kafka.transaction_timeout instead",
+    ),
+    (
+        "enable.auto.commit",
+        "cdcflow commits offsets itself, only past processed records; delete it",
+    ),
+    (
+        "enable.auto.offset.store",
+        "cdcflow commits offsets itself, only past processed records; delete it",
+    ),
+    (
+        "auto.offset.reset",
+        "a new group starts from the earliest offset so that no backlog is skipped; delete it",
+    ),
+    (
+        "isolation.level",
+        "cdcflow reads read_committed so that aborted records never count; delete it",
+    ),
+    (
+        "partition.assignment.strategy",
+        "cdcflow uses cooperative-sticky (mixing assignors in a group breaks rebalances); delete it",
+    ),
+    (
+        "max.poll.interval.ms",
+        "cdcflow restores state inside the rebalance callback and sets it to 300000; to \
+         shorten batches lower kafka.batch_max_records or kafka.batch_max_wait instead",
+    ),
+    (
+        "enable.partition.eof",
+        "the consume loop must not see end-of-partition events; delete it",
+    ),
+    (
+        "enable.idempotence",
+        "the producer is always idempotent (transactions need it); delete it",
+    ),
+    (
+        "acks",
+        "the idempotent producer needs acks=all, which cdcflow sets; delete it",
+    ),
+    (
+        "statistics.interval.ms",
+        "cdcflow reads librdkafka's statistics every second for /readyz; delete it",
+    ),
+    (
+        "group.protocol",
+        "cdcflow runs the classic group protocol with its rebalance callback; delete it",
+    ),
 ];
 
 /// Prefix of environment overrides; `__` separates key segments.
@@ -249,15 +295,19 @@ impl Config {
         }
         for (section, properties) in [("consumer", &kafka.consumer), ("producer", &kafka.producer)]
         {
-            if let Some(managed) = properties
-                .keys()
-                .find(|key| MANAGED_PROPERTIES.contains(&key.as_str()))
-            {
-                return Err(invalid(
-                    format!("kafka.{section}.\"{managed}\""),
-                    "cdcflow sets this property itself to keep its delivery guarantee; delete it \
-                     (bootstrap servers and group id are kafka.bootstrap_servers and kafka.group_id)",
-                ));
+            for key in properties.keys() {
+                if let Some((_, instead)) = MANAGED_PROPERTIES
+                    .iter()
+                    .find(|(managed, _)| managed == key)
+                {
+                    return Err(invalid(
+                        format!("kafka.{section}.\"{key}\""),
+                        format!(
+                            "cdcflow manages this property to keep its delivery guarantee: \
+                             {instead}"
+                        ),
+                    ));
+                }
             }
         }
         Ok(())
@@ -347,4 +397,44 @@ fn apply_override(
     }
     current.insert(last.clone(), parsed);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PIPELINE: &str = "[[pipeline]]\nname = \"o\"\ntopics = [\"t\"]\n";
+
+    /// Every property the runtime manages is refused in both pass-through maps, with the key
+    /// and what to set instead; other librdkafka properties pass.
+    #[test]
+    fn managed_properties_are_refused_with_the_fix() {
+        for (key, instead) in MANAGED_PROPERTIES {
+            for section in ["consumer", "producer"] {
+                let text = format!("[kafka]\n{section} = {{ \"{key}\" = \"1\" }}\n{PIPELINE}");
+                let error = Config::parse(&text, "test", Vec::new()).unwrap_err();
+                let message = error.to_string();
+                assert!(
+                    message.contains(&format!("kafka.{section}.\"{key}\""))
+                        && message.contains(instead),
+                    "{key} in {section}: {message}"
+                );
+            }
+        }
+        for key in [
+            "transaction.timeout.ms",
+            "max.poll.interval.ms",
+            "enable.partition.eof",
+        ] {
+            assert!(
+                MANAGED_PROPERTIES
+                    .iter()
+                    .any(|(managed, _)| *managed == key)
+            );
+        }
+        let text = format!(
+            "[kafka]\nconsumer = {{ \"session.timeout.ms\" = \"6000\" }}\nproducer = {{ \"compression.type\" = \"lz4\" }}\n{PIPELINE}"
+        );
+        Config::parse(&text, "test", Vec::new()).unwrap();
+    }
 }

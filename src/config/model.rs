@@ -418,6 +418,10 @@ pub struct KafkaConfig {
     /// broker round trips, so larger batches amortise them.
     #[serde(default = "default_batch_max_records")]
     pub batch_max_records: usize,
+    /// Most bytes (keys, values and headers) in one batch: bounds memory however large the
+    /// records are. Default 32 MiB.
+    #[serde(default = "default_batch_max_bytes")]
+    pub batch_max_bytes: usize,
     /// Longest a batch waits to fill, e.g. `"100ms"`. Default 100 ms.
     #[serde(default = "default_batch_max_wait", with = "duration")]
     pub batch_max_wait: std::time::Duration,
@@ -451,6 +455,9 @@ fn default_group_id() -> String {
 fn default_batch_max_records() -> usize {
     10_000
 }
+fn default_batch_max_bytes() -> usize {
+    32 * 1024 * 1024
+}
 fn default_batch_max_wait() -> std::time::Duration {
     std::time::Duration::from_millis(100)
 }
@@ -475,6 +482,7 @@ impl Default for KafkaConfig {
             instance_id: None,
             delivery: DeliveryConfig::default(),
             batch_max_records: default_batch_max_records(),
+            batch_max_bytes: default_batch_max_bytes(),
             batch_max_wait: default_batch_max_wait(),
             transaction_timeout: default_transaction_timeout(),
             shutdown_timeout: default_shutdown_timeout(),

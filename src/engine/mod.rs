@@ -5,6 +5,7 @@
 //! stored entity state to get a decision, the next state and the records to publish.
 
 mod event;
+mod failure;
 mod gate;
 mod output;
 mod pipeline;
@@ -12,8 +13,9 @@ mod rules;
 mod version;
 
 pub use event::{BusinessEvent, EventMode, event_id};
+pub use failure::{INTERNAL_ERROR, RecordFailure, Stage};
 pub use gate::{Decision, EntityState, decide};
-pub use output::{OutputKind, OutputRecord, Stage, headers as output_headers};
-pub use pipeline::{Applied, DecodeOutcome, Pipeline, PipelineSettings, RecordFailure};
+pub use output::{OutputKind, OutputRecord, headers as output_headers};
+pub use pipeline::{Applied, DecodeOutcome, Pipeline, PipelineSettings};
 pub use rules::{CompiledRules, PayloadSpec, RuleCompileError, RuleError, RuleInput, RuleSpec};
 pub use version::{Connector, Version, VersionError, VersionSource, VersionSpec};

@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use super::pipeline::RecordFailure;
+use super::failure::RecordFailure;
 use crate::cdc::{Origin, RawRecord};
 
 /// Header names cdcflow writes on DLQ records.
@@ -57,28 +57,6 @@ impl OutputRecord {
                 .iter()
                 .map(|(name, value)| name.len() + value.len())
                 .sum::<usize>()
-    }
-}
-
-/// Where in the processing of a record a failure happened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Stage {
-    Decode,
-    Version,
-    State,
-    Rule,
-    Output,
-}
-
-impl Stage {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stage::Decode => "decode",
-            Stage::Version => "version",
-            Stage::State => "state",
-            Stage::Rule => "rule",
-            Stage::Output => "output",
-        }
     }
 }
 
@@ -157,7 +135,7 @@ pub(crate) fn dead_letter(
 
 /// The facts of one dropped change, for the optional audit topic.
 #[derive(Debug)]
-pub(crate) struct Drop<'a> {
+pub(crate) struct DroppedChange<'a> {
     pub pipeline: &'a str,
     pub reason: &'a str,
     pub entity: &'a str,
@@ -169,7 +147,7 @@ pub(crate) struct Drop<'a> {
 }
 
 /// A small typed audit record for a dropped change, keyed by entity.
-pub(crate) fn audit(topic: &str, drop: &Drop<'_>) -> OutputRecord {
+pub(crate) fn audit(topic: &str, drop: &DroppedChange<'_>) -> OutputRecord {
     let value = json!({
         "pipeline": drop.pipeline,
         "reason": drop.reason,

@@ -3,8 +3,9 @@
 use serde_json::{Map, Value};
 
 use super::event::{BusinessEvent, EventMode, event_id};
+use super::failure::{RecordFailure, Stage};
 use super::gate::{Decision, EntityState, decide};
-use super::output::{self, Drop, OutputRecord, Stage};
+use super::output::{self, DroppedChange, OutputRecord};
 use super::rules::{CompiledRules, RuleInput};
 use super::version::{Version, VersionSpec};
 use crate::cdc::{Change, Decoded, Decoder, Op, RawRecord, SkipReason};
@@ -30,14 +31,6 @@ pub struct PipelineSettings {
 #[derive(Debug)]
 pub struct Pipeline {
     settings: PipelineSettings,
-}
-
-/// Why one record could not be processed; it becomes a DLQ record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RecordFailure {
-    pub stage: Stage,
-    pub reason: &'static str,
-    pub message: String,
 }
 
 /// The first step for a record.
@@ -122,7 +115,7 @@ impl Pipeline {
                 .map(|topic| {
                     output::audit(
                         topic,
-                        &Drop {
+                        &DroppedChange {
                             pipeline: &settings.name,
                             reason: decision.as_str(),
                             entity: change.key.as_str(),

@@ -2,8 +2,6 @@
 //! with the input) and output, DLQ and audit topics.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
@@ -12,9 +10,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::metadata::Metadata;
 use rdkafka::types::RDKafkaErrorCode;
 
-use super::{ServiceError, changelog_topic, clients, kafka_error};
+use super::error::{ServiceError, kafka_error};
+use super::{changelog_topic, clients};
 use crate::config::{KafkaConfig, TopicRoute};
 use crate::engine::Pipeline;
+use crate::runtime::{Attempt, RetryLimit, RetryPolicy, Shutdown, retry};
 
 /// What the service consumes and where each pipeline's changelog lives.
 #[derive(Debug, Clone)]
@@ -33,7 +33,7 @@ pub(super) fn prepare(
     kafka: &KafkaConfig,
     pipelines: &[(TopicRoute, Pipeline)],
     runtime: &tokio::runtime::Handle,
-    shutdown: &Arc<AtomicBool>,
+    shutdown: &Shutdown,
 ) -> Result<Option<Topology>, ServiceError> {
     let probe: BaseConsumer = clients::admin(kafka)
         .create()
@@ -60,51 +60,46 @@ pub(super) fn prepare(
             .collect();
         for topic in &route.topics {
             if !existing.contains_key(topic) {
-                return Err(ServiceError::Topology(format!(
-                    "input topic `{topic}` of pipeline `{name}` does not exist on {}; create it \
-                     (Debezium creates it with the first change) or fix pipeline.topics",
-                    kafka.bootstrap_servers
-                )));
+                return Err(ServiceError::MissingInput {
+                    topic: topic.clone(),
+                    pipeline: name.to_owned(),
+                    bootstrap: kafka.bootstrap_servers.clone(),
+                });
             }
         }
         matched.sort();
         if matched.len() > 1 {
             // Entities are identified per pipeline by key alone, and changelog partition p
             // holds input partition p: two tables in one pipeline would collide on both.
-            return Err(ServiceError::Topology(format!(
-                "pipeline `{name}` matches {} topics ({}); cdcflow run needs one table per \
-                 pipeline: split it into one pipeline per topic",
-                matched.len(),
-                matched
-                    .iter()
-                    .map(|(topic, _)| topic.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
+            return Err(ServiceError::SeveralInputs {
+                pipeline: name.to_owned(),
+                topics: matched.iter().map(|(topic, _)| (*topic).clone()).collect(),
+            });
         }
-        let Some(&(_, partitions)) = matched.first() else {
-            return Err(ServiceError::Topology(format!(
-                "pipeline `{name}` matches no existing topic; check pipeline.topics and topic_pattern"
-            )));
+        let Some(&(input, partitions)) = matched.first() else {
+            return Err(ServiceError::NoInput {
+                pipeline: name.to_owned(),
+            });
         };
-        if let Some((topic, count)) = matched.iter().find(|(_, count)| *count != partitions) {
-            return Err(ServiceError::Topology(format!(
-                "pipeline `{name}` reads topics with different partition counts (`{topic}` has \
-                 {count}, `{}` has {partitions}); its changelog is co-partitioned with its input, \
-                 so split it into one pipeline per partition count",
-                matched[0].0
-            )));
+        let key_fields = &pipeline.settings().decoder.key_fields;
+        if !key_fields.is_empty() && partitions > 1 {
+            return Err(ServiceError::EntitiesSpanPartitions {
+                pipeline: name.to_owned(),
+                key_fields: key_fields.clone(),
+                topic: input.clone(),
+                partitions,
+            });
         }
         inputs.extend(matched.iter().map(|(topic, _)| (*topic).clone()));
         let changelog = changelog_topic(&kafka.group_id, name);
         match existing.get(&changelog) {
             Some(&count) if count != partitions => {
-                return Err(ServiceError::Topology(format!(
-                    "changelog topic `{changelog}` has {count} partitions but the input of \
-                     pipeline `{name}` has {partitions}; they must match (partition p of the \
-                     changelog holds the state of input partition p). Delete the changelog \
-                     (state is rebuilt from new changes only) or restore the input's partition count"
-                )));
+                return Err(ServiceError::ChangelogPartitions {
+                    changelog,
+                    count,
+                    pipeline: name.to_owned(),
+                    partitions,
+                });
             }
             Some(_) => {}
             None => to_create.push((changelog.clone(), partitions as i32, true)),
@@ -176,9 +171,7 @@ fn smallest_max_message_bytes(
         .map_err(kafka_error("cannot describe the output topics"))?;
     let mut smallest: Option<usize> = None;
     for result in results {
-        let resource = result.map_err(|code| {
-            ServiceError::Topology(format!("cannot describe an output topic's config: {code}"))
-        })?;
+        let resource = result.map_err(ServiceError::DescribeConfigs)?;
         let limit = resource
             .get("max.message.bytes")
             .and_then(|entry| entry.value.as_deref())
@@ -190,34 +183,27 @@ fn smallest_max_message_bytes(
     Ok(smallest)
 }
 
+/// The cluster's metadata, once the brokers answer; `None` when shutdown comes first.
 fn wait_for_metadata(
     probe: &BaseConsumer,
     kafka: &KafkaConfig,
-    shutdown: &Arc<AtomicBool>,
+    shutdown: &Shutdown,
 ) -> Option<Metadata> {
-    let mut backoff = Duration::from_millis(500);
-    loop {
-        match probe.fetch_metadata(None, Duration::from_secs(5)) {
-            Ok(metadata) => return Some(metadata),
-            Err(error) => {
-                tracing::warn!(
-                    bootstrap = %kafka.bootstrap_servers,
-                    %error,
-                    retry_in = ?backoff,
-                    "Kafka is not reachable yet; retrying"
-                );
-            }
-        }
-        let deadline = std::time::Instant::now() + backoff;
-        while std::time::Instant::now() < deadline {
-            if shutdown.load(Ordering::SeqCst) {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
-    }
+    let what = format!("reaching Kafka at {}", kafka.bootstrap_servers);
+    retry(&what, WAIT_FOR_BROKERS, shutdown, || {
+        probe
+            .fetch_metadata(None, Duration::from_secs(5))
+            .map_err(Attempt::Transient)
+    })
+    .ok()
 }
+
+/// Waiting for the brokers at start: patient, and never more than 30 s between tries.
+const WAIT_FOR_BROKERS: RetryPolicy = RetryPolicy::new(
+    Duration::from_millis(500),
+    Duration::from_secs(30),
+    RetryLimit::Forever,
+);
 
 fn create_topics(
     kafka: &KafkaConfig,
@@ -250,11 +236,7 @@ fn create_topics(
         match result {
             Ok(name) => tracing::info!(topic = %name, "created topic"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((name, code)) => {
-                return Err(ServiceError::Topology(format!(
-                    "cannot create topic `{name}`: {code}"
-                )));
-            }
+            Err((topic, code)) => return Err(ServiceError::CreateTopic { topic, code }),
         }
     }
     Ok(())

@@ -27,7 +27,9 @@ pub(super) fn group_consumer(kafka: &KafkaConfig) -> ClientConfig {
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("session.timeout.ms", "10000")
         // Restoring a changelog runs inside the rebalance callback, between polls.
-        .set("max.poll.interval.ms", "300000");
+        .set("max.poll.interval.ms", "300000")
+        // The statistics say every second whether a broker is connected (/readyz).
+        .set("statistics.interval.ms", "1000");
     bounded_prefetch(&mut config);
     for (key, value) in &kafka.consumer {
         config.set(key, value);

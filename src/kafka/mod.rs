@@ -1,51 +1,43 @@
-//! The Kafka adapter of `cdcflow run`: clients, topic set-up, changelog restore and the
-//! consume-process-produce loop with its two commit protocols.
+//! The Kafka adapter of `cdcflow run`. The pure core decides; this module only moves bytes
+//! and offsets. Every librdkafka call that blocks runs on the service's own thread, never on
+//! a tokio worker.
 //!
-//! The pure core decides; this module only moves bytes and offsets. Every librdkafka call that
-//! blocks runs on the service's own thread, never on a tokio worker.
+//! # Layout
+//!
+//! - [`service`](self::service): the entry, [`run_service`]: topics, clients, the group, the
+//!   loop, shutdown (a future passed in), leaving the group.
+//! - `admin`: topic set-up and the checks that refuse a topology cdcflow cannot serve.
+//! - `clients`: librdkafka settings; those the guarantees depend on are fixed here.
+//! - `rebalance`: the consumer context; on assignment: unsaved state to the store, stable
+//!   committed offsets, changelog restore, explicit positions. On revocation: tell the loop.
+//! - `restore`: rebuilding the store from a changelog partition (and re-reading a changelog
+//!   that was recreated behind the store's checkpoint).
+//! - `consume`: the loop: collect (records, bytes, time), process in the lanes
+//!   ([`crate::runtime::Lanes`]), commit, settle; recovery and rewinds.
+//! - `commit`: what both protocols share, and how a failed batch is classified.
+//! - `transactional`: the exactly-once protocol (one transaction per batch).
+//! - `at_least_once`: outputs, then changelog, then offsets.
+//! - `produce`: sending records and reading delivery reports back.
+//! - `report`: one function per runtime event (logs and counts), and the clients' context.
+//! - `error`: [`ServiceError`], every reason the service stops.
+//!
+//! Committed state is written behind by [`crate::store::WriteBehind`].
 
 mod admin;
+mod at_least_once;
 mod clients;
+mod commit;
+mod consume;
+mod error;
+mod produce;
+mod rebalance;
+mod report;
 mod restore;
 mod service;
+mod transactional;
 
-use thiserror::Error;
-
+pub use error::ServiceError;
 pub use service::{ServiceOptions, run_service};
-
-/// Why the service stopped with an error. Each is fatal: the process exits non-zero and a
-/// restart resumes from committed state.
-#[derive(Debug, Error)]
-pub enum ServiceError {
-    #[error("{context}: {source}")]
-    Kafka {
-        context: String,
-        #[source]
-        source: rdkafka::error::KafkaError,
-    },
-    #[error("{0}")]
-    Topology(String),
-    #[error(
-        "the producer was fenced: another instance with transactional id `{0}` took over; this one stops and commits nothing"
-    )]
-    Fenced(String),
-    #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
-    #[error("changelog `{topic}` partition {partition} offset {offset}: {detail}")]
-    Changelog {
-        topic: String,
-        partition: i32,
-        offset: i64,
-        detail: String,
-    },
-}
-
-fn kafka_error(
-    context: impl Into<String>,
-) -> impl FnOnce(rdkafka::error::KafkaError) -> ServiceError {
-    let context = context.into();
-    move |source| ServiceError::Kafka { context, source }
-}
 
 /// The name of a pipeline's changelog topic: `<group_id>.<pipeline>.changelog`.
 pub fn changelog_topic(group_id: &str, pipeline: &str) -> String {

@@ -12,7 +12,9 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::{ServiceError, clients, kafka_error};
+use super::clients;
+use super::error::{ServiceError, kafka_error};
+use super::report::TopicPartition;
 use crate::config::{KafkaConfig, TopicRoute};
 use crate::engine::Pipeline;
 use crate::store::{Checkpoint, StateStore, StateWrite, changelog};
@@ -79,9 +81,9 @@ impl<S: StateStore> ChangelogRestorer<S> {
 
     /// Restores the changelog partitions behind the given input partitions: one consumer per
     /// changelog topic, all its partitions at once. Returns the number of records applied.
-    pub(super) fn restore(&self, inputs: &[(String, i32)]) -> Result<u64, ServiceError> {
+    pub(super) fn restore(&self, inputs: &[TopicPartition]) -> Result<u64, ServiceError> {
         let mut per_topic: BTreeMap<&str, (&str, Vec<i32>)> = BTreeMap::new();
-        for (topic, partition) in inputs {
+        for TopicPartition { topic, partition } in inputs {
             for (pipeline, route, changelog) in &self.changelogs {
                 if route.matches(topic) {
                     let (_, partitions) =
@@ -116,9 +118,7 @@ impl<S: StateStore> ChangelogRestorer<S> {
         let mut assignment = TopicPartitionList::new();
         let mut progress: HashMap<i32, Progress> = HashMap::new();
         for &partition in partitions {
-            let checkpoint = self
-                .runtime
-                .block_on(self.store.checkpoint(topic, partition))?;
+            let checkpoint = self.checkpoint_within_changelog(&consumer, topic, partition)?;
             let start = checkpoint.map_or(Offset::Beginning, |offset| Offset::Offset(offset + 1));
             assignment
                 .add_partition_offset(topic, partition, start)
@@ -195,11 +195,10 @@ impl<S: StateStore> ChangelogRestorer<S> {
                         }
                     }
                     if Instant::now() > deadline {
-                        return Err(ServiceError::Topology(format!(
-                            "restoring `{topic}` did not reach its committed end within {:?}; is \
-                             a transaction stuck open?",
-                            deadline - started
-                        )));
+                        return Err(ServiceError::RestoreTimedOut {
+                            topic: topic.to_owned(),
+                            waited: deadline - started,
+                        });
                     }
                 }
             }
@@ -208,6 +207,50 @@ impl<S: StateStore> ChangelogRestorer<S> {
             self.save(entry.writes, topic, partition, entry.last_offset)?;
         }
         Ok(restored)
+    }
+
+    /// The store's checkpoint of a changelog partition, if the changelog still reaches it. A
+    /// changelog that ends below the checkpoint was deleted and recreated (or truncated): the
+    /// checkpoint belongs to its earlier life, and trusting it would mark the partition
+    /// restored without reading what the new changelog holds (states another instance wrote
+    /// since). Then the checkpoint is dropped and the partition is read from its start; the
+    /// store keeps what it has, and a restored state replaces a stored one only if newer.
+    fn checkpoint_within_changelog(
+        &self,
+        consumer: &BaseConsumer<QuietEof>,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Option<i64>, ServiceError> {
+        let Some(checkpoint) = self
+            .runtime
+            .block_on(self.store.checkpoint(topic, partition))?
+        else {
+            return Ok(None);
+        };
+        let (low, high) = consumer
+            .fetch_watermarks(topic, partition, Duration::from_secs(30))
+            .map_err(kafka_error(format!(
+                "cannot read the end of changelog `{topic}` partition {partition}"
+            )))?;
+        if checkpoint < high {
+            if checkpoint + 1 < low {
+                tracing::warn!(
+                    %topic, partition, checkpoint, first_offset = low,
+                    "the changelog no longer holds the records after this store's checkpoint \
+                     (retention deleted them?): states written in between are missing; use a \
+                     compacted changelog (cleanup.policy=compact) without time retention"
+                );
+            }
+            return Ok(Some(checkpoint));
+        }
+        tracing::warn!(
+            %topic, partition, checkpoint, changelog_end = high,
+            "the changelog ends below this store's checkpoint: it was recreated or truncated; \
+             re-reading it from the start"
+        );
+        self.runtime
+            .block_on(self.store.reset_checkpoint(topic, partition, None))?;
+        Ok(None)
     }
 
     fn save(

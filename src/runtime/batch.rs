@@ -1,10 +1,11 @@
 //! One batch of records through every matching pipeline, with state loaded in bulk.
 
 use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
 
 use crate::cdc::{Origin, RawRecord};
 use crate::config::TopicRoute;
-use crate::engine::{DecodeOutcome, EntityState, OutputRecord, Pipeline, RecordFailure};
+use crate::engine::{DecodeOutcome, EntityState, OutputRecord, Pipeline, RecordFailure, Stage};
 use crate::metrics::Tally;
 use crate::store::{StateStore, StateWrite, StoreError};
 
@@ -14,27 +15,46 @@ use crate::store::{StateStore, StateWrite, StoreError};
 const CHUNK_RECORDS: usize = 1_000;
 
 /// Entity states in memory in front of the store, per pipeline. `None` caches "not stored", so
-/// a new entity costs one lookup, not one per record.
+/// a new entity costs one lookup, not one per record. Each entry remembers when it was last
+/// used, so that a full cache evicts its least recently used entries instead of forgetting
+/// every hot entity at once.
 #[derive(Debug)]
 pub struct StateCache {
-    per_pipeline: Vec<HashMap<String, Option<EntityState>>>,
+    per_pipeline: Vec<HashMap<String, CachedState>>,
     capacity: usize,
+    /// A logical clock: bumped on every use of an entry.
+    clock: u64,
 }
+
+#[derive(Debug)]
+struct CachedState {
+    state: Option<EntityState>,
+    last_used: u64,
+}
+
+/// The share of the capacity an eviction keeps: evicting a quarter at a time makes the
+/// O(entries) eviction rare.
+const KEEP_AFTER_EVICTION: f64 = 0.75;
 
 impl StateCache {
     pub fn new(pipelines: usize, capacity: usize) -> StateCache {
         StateCache {
             per_pipeline: (0..pipelines).map(|_| HashMap::new()).collect(),
             capacity,
+            clock: 0,
         }
     }
 
-    fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.per_pipeline.iter().map(HashMap::len).sum()
     }
 
-    /// Whether the cache holds more entries than its capacity. The caller clears it only when
-    /// every entry is already in the store, so clearing loses nothing but speed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the cache holds more entries than its capacity. The caller evicts only once
+    /// every entry is in the store, so eviction loses nothing but speed.
     pub fn over_capacity(&self) -> bool {
         self.len() > self.capacity
     }
@@ -42,6 +62,61 @@ impl StateCache {
     /// Forgets every entry (after an aborted batch whose staged states must not be seen).
     pub fn clear(&mut self) {
         self.per_pipeline.iter_mut().for_each(HashMap::clear);
+    }
+
+    /// Drops the least recently used entries until a quarter of the capacity is free. Only
+    /// call it when the store holds every cached state (a later load must not read older
+    /// state than the cache had).
+    pub fn evict_least_recently_used(&mut self) {
+        let keep = (self.capacity as f64 * KEEP_AFTER_EVICTION) as usize;
+        let len = self.len();
+        if len <= keep {
+            return;
+        }
+        let mut uses: Vec<u64> = self
+            .per_pipeline
+            .iter()
+            .flat_map(|states| states.values().map(|cached| cached.last_used))
+            .collect();
+        if keep == 0 {
+            self.clear();
+            return;
+        }
+        let evict = len - keep;
+        // Uses are distinct (one clock tick each), so exactly `evict` entries lie below the
+        // threshold.
+        let (_, threshold, _) = uses.select_nth_unstable(evict);
+        let threshold = *threshold;
+        for states in &mut self.per_pipeline {
+            states.retain(|_, cached| cached.last_used >= threshold);
+        }
+    }
+
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+
+    /// Whether the cache knows the entity (stored or known to be absent).
+    fn contains(&self, pipeline: usize, entity: &str) -> bool {
+        self.per_pipeline[pipeline].contains_key(entity)
+    }
+
+    /// The cached state of an entity (marking it used); `None` when absent or not stored.
+    fn touch(&mut self, pipeline: usize, entity: &str) -> Option<&EntityState> {
+        let now = self.tick();
+        let cached = self.per_pipeline[pipeline].get_mut(entity)?;
+        cached.last_used = now;
+        cached.state.as_ref()
+    }
+
+    fn insert(&mut self, pipeline: usize, entity: String, state: Option<EntityState>) {
+        let last_used = self.tick();
+        self.per_pipeline[pipeline].insert(entity, CachedState { state, last_used });
+    }
+
+    fn get(&self, pipeline: usize, entity: &str) -> Option<&EntityState> {
+        self.per_pipeline[pipeline].get(entity)?.state.as_ref()
     }
 }
 
@@ -129,6 +204,13 @@ impl DecodedBatch {
     }
 }
 
+/// Decodes a record; a panic in the decoder (a bug) sends the record to the DLQ.
+fn decode_guarded(pipeline: &Pipeline, record: &RawRecord) -> DecodeOutcome {
+    std::panic::catch_unwind(AssertUnwindSafe(|| pipeline.decode(record))).unwrap_or_else(|panic| {
+        DecodeOutcome::Failed(RecordFailure::from_panic(Stage::Decode, panic.as_ref()))
+    })
+}
+
 /// Routes records to pipelines and runs them against cached and stored state.
 #[derive(Debug)]
 pub struct BatchProcessor<'p> {
@@ -169,7 +251,7 @@ impl<'p> BatchProcessor<'p> {
             for (pipeline_index, (route, pipeline)) in self.pipelines.iter().enumerate() {
                 if route.matches(&record.topic) {
                     routed = true;
-                    items.push((index, pipeline_index, pipeline.decode(record)));
+                    items.push((index, pipeline_index, decode_guarded(pipeline, record)));
                 }
             }
             if !routed {
@@ -271,9 +353,14 @@ impl<'p> BatchProcessor<'p> {
                     continue;
                 }
             };
-            let states = &mut cache.per_pipeline[pipeline_index];
-            let stored = states.get(change.key.as_str()).and_then(Option::as_ref);
-            match pipeline.apply(record, &change, stored, now_ms) {
+            let stored = cache.touch(pipeline_index, change.key.as_str());
+            // A panic in a rule or the gate is a bug: it must cost one record (to the DLQ),
+            // not stop the partition on the same offset after every restart.
+            let applied = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                pipeline.apply(record, &change, stored, now_ms)
+            }))
+            .unwrap_or_else(|panic| Err(RecordFailure::from_panic(Stage::Rule, panic.as_ref())));
+            match applied {
                 Ok(applied) => {
                     counts.count_decision(applied.decision.as_str());
                     for event_type in &applied.event_types {
@@ -285,7 +372,7 @@ impl<'p> BatchProcessor<'p> {
                     outcome.outputs.extend(applied.outputs);
                     if let Some(state) = applied.next_state {
                         let entity = change.key.as_str().to_owned();
-                        states.insert(entity.clone(), Some(state));
+                        cache.insert(pipeline_index, entity.clone(), Some(state));
                         dirty.insert((pipeline_index, entity), record.partition);
                     }
                 }
@@ -299,7 +386,7 @@ impl<'p> BatchProcessor<'p> {
         outcome.writes = dirty
             .into_iter()
             .filter_map(|((pipeline, entity), partition)| {
-                let state = cache.per_pipeline[pipeline].get(&entity)?.clone()?;
+                let state = cache.get(pipeline, &entity)?.clone();
                 Some(StateWrite {
                     pipeline: self.pipelines[pipeline].1.name().to_owned(),
                     entity,
@@ -321,7 +408,7 @@ impl<'p> BatchProcessor<'p> {
         let mut missing: Vec<HashSet<&str>> = vec![HashSet::new(); self.pipelines.len()];
         for (_, pipeline, decoded) in &batch.items {
             if let DecodeOutcome::Change(change) = decoded
-                && !cache.per_pipeline[*pipeline].contains_key(change.key.as_str())
+                && !cache.contains(*pipeline, change.key.as_str())
             {
                 missing[*pipeline].insert(change.key.as_str());
             }
@@ -334,11 +421,128 @@ impl<'p> BatchProcessor<'p> {
             let mut found = store
                 .load(self.pipelines[index].1.name(), &entities)
                 .await?;
-            let states = &mut cache.per_pipeline[index];
             for entity in entities {
-                states.insert(entity.to_owned(), found.remove(entity));
+                cache.insert(index, entity.to_owned(), found.remove(entity));
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Version;
+
+    type OutputKindName = &'static str;
+
+    fn state(version: u64) -> Option<EntityState> {
+        Some(EntityState {
+            version: Version::new(vec![version]),
+            image: Some("{}".to_owned()),
+            updated_at_ms: 0,
+        })
+    }
+
+    fn order(offset: i64, id: u64, status: &str, lsn: u64) -> RawRecord {
+        let value = serde_json::json!({
+            "before": null,
+            "after": {"id": id, "status": status},
+            "source": {"connector": "postgresql", "ts_ms": 1_700_000_000_000u64,
+                       "sequence": format!("[\"{lsn}\",\"{lsn}\"]"), "lsn": lsn},
+            "op": "c",
+        });
+        RawRecord {
+            topic: "orders".to_owned(),
+            partition: 0,
+            offset,
+            key: Some(format!(r#"{{"id":{id}}}"#).into_bytes()),
+            value: Some(value.to_string().into_bytes()),
+            headers: Vec::new(),
+            timestamp_ms: None,
+        }
+    }
+
+    /// A rule that panics on one record (a bug) sends that record to the DLQ with reason
+    /// `internal_error` and the panic's message; the records around it are processed.
+    #[tokio::test]
+    async fn a_panicking_rule_costs_one_record() {
+        let config = crate::config::Config::parse(
+            r#"
+            [[pipeline]]
+            name = "orders"
+            topics = ["orders"]
+            [[pipeline.rule]]
+            name = "created"
+            when = "op == 'c' && (after.status != 'explode' || cdcflow_fault_panic('boom'))"
+            event_type = "OrderCreated"
+            topic = "events"
+            "#,
+            "test",
+            Vec::new(),
+        )
+        .unwrap();
+        let pipelines = config.build_pipelines().unwrap();
+        let processor = BatchProcessor::new(&pipelines);
+        let records = [
+            order(0, 1, "pending", 100),
+            order(1, 2, "explode", 200),
+            order(2, 3, "pending", 300),
+        ];
+        let mut cache = StateCache::new(1, 100);
+        let mut tally = Tally::default();
+        let store = crate::store::MemoryStore::new();
+        let outcome = processor
+            .process(&records, &mut cache, &store, &mut tally, 0)
+            .await
+            .unwrap();
+        let kinds: Vec<(OutputKindName, i64)> = outcome
+            .outputs
+            .iter()
+            .zip(&outcome.output_origins)
+            .map(|(output, (_, origin))| (output.kind.as_str(), origin.offset))
+            .collect();
+        assert_eq!(kinds, [("event", 0), ("dlq", 1), ("event", 2)]);
+        let dead_letter = &outcome.outputs[1];
+        let header = |name: &str| {
+            dead_letter
+                .headers
+                .iter()
+                .find(|(key, _)| key == name)
+                .map(|(_, value)| String::from_utf8_lossy(value).into_owned())
+        };
+        assert_eq!(header("cdcflow.error.reason").as_deref(), Some("internal_error"));
+        assert!(
+            header("cdcflow.error.message").is_some_and(|message| message.contains("boom")),
+            "{:?}",
+            header("cdcflow.error.message")
+        );
+        assert_eq!(tally.dlq_total(), 1);
+        assert_eq!(tally.events_total(), 2);
+    }
+
+    /// A full cache evicts its least recently used entries down to three quarters of its
+    /// capacity; entries used recently (read or written) stay.
+    #[test]
+    fn a_full_cache_evicts_the_least_recently_used() {
+        let mut cache = StateCache::new(2, 8);
+        for entity in 0..10u64 {
+            cache.insert((entity % 2) as usize, entity.to_string(), state(entity));
+        }
+        // Entities 0 and 1 are the oldest inserts; reading them makes them the newest.
+        assert!(cache.touch(0, "0").is_some());
+        assert!(cache.touch(1, "1").is_some());
+        assert!(cache.over_capacity());
+        cache.evict_least_recently_used();
+        assert_eq!(cache.len(), 6);
+        assert!(!cache.over_capacity());
+        for kept in ["0", "1", "6", "7", "8", "9"] {
+            let pipeline = kept.parse::<usize>().unwrap() % 2;
+            assert!(cache.contains(pipeline, kept), "{kept} was evicted");
+        }
+        for evicted in ["2", "3", "4", "5"] {
+            let pipeline = evicted.parse::<usize>().unwrap() % 2;
+            assert!(!cache.contains(pipeline, evicted), "{evicted} was kept");
+        }
     }
 }

@@ -10,6 +10,7 @@ pub struct Health {
     restoring: AtomicBool,
     failing: AtomicBool,
     stopping: AtomicBool,
+    brokers_unreachable: AtomicBool,
 }
 
 impl Health {
@@ -28,6 +29,16 @@ impl Health {
         self.failing.store(failing, Ordering::SeqCst);
     }
 
+    /// Whether the consumer can reach any broker (librdkafka's statistics say so every
+    /// second).
+    pub fn set_brokers_reachable(&self, reachable: bool) {
+        self.brokers_unreachable.store(!reachable, Ordering::SeqCst);
+    }
+
+    pub fn brokers_reachable(&self) -> bool {
+        !self.brokers_unreachable.load(Ordering::SeqCst)
+    }
+
     /// Shutdown has begun.
     pub fn set_stopping(&self) {
         self.stopping.store(true, Ordering::SeqCst);
@@ -39,6 +50,8 @@ impl Health {
             Err("stopping")
         } else if !self.joined.load(Ordering::SeqCst) {
             Err("starting: waiting for Kafka and the consumer group")
+        } else if self.brokers_unreachable.load(Ordering::SeqCst) {
+            Err("no Kafka broker is reachable")
         } else if self.restoring.load(Ordering::SeqCst) {
             Err("restoring state of assigned partitions from their changelog")
         } else if self.failing.load(Ordering::SeqCst) {
@@ -53,7 +66,8 @@ impl Health {
 mod tests {
     use super::*;
 
-    /// Ready only once joined, and not while restoring, retrying or stopping.
+    /// Ready only once joined, and not while restoring, retrying, cut off from the brokers or
+    /// stopping.
     #[test]
     fn readiness_follows_the_service() {
         let health = Health::default();
@@ -66,6 +80,10 @@ mod tests {
         health.set_failing(true);
         assert!(health.readiness().unwrap_err().contains("retried"));
         health.set_failing(false);
+        health.set_brokers_reachable(false);
+        assert!(health.readiness().unwrap_err().contains("broker"));
+        health.set_brokers_reachable(true);
+        assert_eq!(health.readiness(), Ok(()));
         health.set_stopping();
         assert_eq!(health.readiness(), Err("stopping"));
     }

@@ -1,4 +1,6 @@
-//! Drivers that feed records through the pure core and persist its outcome.
+//! Drivers that feed records through the pure core and persist its outcome, and the pieces of
+//! the service loop that need no Kafka: lanes, retries with jitter, the shutdown signal and
+//! health.
 //!
 //! `replay` reads `kcat -C -J` JSON Lines and writes produced records as JSON Lines: the
 //! embedded way to run cdcflow with no broker. Order of effects per batch: outputs are written
@@ -8,12 +10,18 @@
 mod batch;
 mod health;
 mod kcat;
+mod lanes;
 mod replay;
+mod retry;
+mod shutdown;
 
 pub use batch::{BatchOutcome, BatchProcessor, DecodedBatch, Refusal, Refusals, StateCache};
 pub use health::Health;
 pub use kcat::{KcatLineError, parse_kcat_line, write_output_line};
+pub use lanes::Lanes;
 pub use replay::{ReplayError, ReplayOptions, SharedPipelines, replay};
+pub use retry::{Attempt, Jitter, RetryError, RetryLimit, RetryPolicy, retry};
+pub use shutdown::{Shutdown, Stopping};
 
 /// Wall-clock milliseconds since the epoch: the time of DLQ and audit records. The pure core
 /// never reads a clock; the drivers pass this in.

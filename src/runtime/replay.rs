@@ -87,11 +87,11 @@ pub async fn replay<S: StateStore>(
             writeln!(diagnostics, "{line}").map_err(ReplayError::Output)?;
         }
         if cache.over_capacity() {
-            // Clearing is safe only once every cached state is in the store.
+            // Evicting is safe only once every cached state is in the store.
             finish(pending_save.take()).await?;
             finish(Some(spawn_save(&store, &mut unsaved))).await?;
             unsaved_records = 0;
-            cache.clear();
+            cache.evict_least_recently_used();
         }
         unsaved_records += batch.len();
         let outcome = processor
@@ -134,6 +134,69 @@ async fn finish(save: Option<JoinHandle<Result<(), StoreError>>>) -> Result<(), 
     }
 }
 
+/// Bytes of input records a batch holds at most, whatever `batch_size` says: bounds the
+/// reader's memory for large records.
+const BATCH_MAX_BYTES: usize = 32 * 1024 * 1024;
+
+/// Skipped-line reports held before they are handed over with a batch.
+const MAX_SKIPPED_LINES: usize = 1_000;
+
+/// The longest input line read: a kcat line holds one record, escaped as JSON text, so a
+/// valid one is at most a few times `limits.max_record_bytes`. A longer line is skipped
+/// without being held in memory.
+const MAX_LINE_BYTES: usize = 64 * 1024 * 1024;
+
+/// One line of input, read with a bound on its length.
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    /// A line (possibly empty) is in the buffer.
+    Read,
+    /// The line was longer than the bound: its first bytes are in the buffer, the rest was
+    /// skipped; the line had this many bytes.
+    TooLong(u64),
+    End,
+}
+
+/// Reads one line into `buffer` (without its newline), holding at most `max_bytes` of it.
+fn read_bounded_line(
+    input: &mut dyn BufRead,
+    buffer: &mut Vec<u8>,
+    max_bytes: usize,
+) -> std::io::Result<Line> {
+    buffer.clear();
+    let mut total = 0u64;
+    loop {
+        let available = match input.fill_buf() {
+            Ok(available) => available,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(error),
+        };
+        if available.is_empty() {
+            return Ok(match total {
+                0 => Line::End,
+                _ if total as usize > max_bytes => Line::TooLong(total),
+                _ => Line::Read,
+            });
+        }
+        let (chunk, found_newline) = match available.iter().position(|&byte| byte == b'\n') {
+            Some(at) => (&available[..at], true),
+            None => (available, false),
+        };
+        let room = max_bytes.saturating_sub(buffer.len());
+        buffer.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        total += chunk.len() as u64;
+        let consumed = chunk.len() + usize::from(found_newline);
+        input.consume(consumed);
+        if found_newline {
+            return Ok(if total as usize > max_bytes {
+                Line::TooLong(total)
+            } else {
+                Line::Read
+            });
+        }
+    }
+}
+
 /// The reader stage: lines to records to decoded batches. Returns when the input ends or the
 /// consumer hangs up.
 fn read_and_decode(
@@ -146,32 +209,47 @@ fn read_and_decode(
     let mut line = Vec::new();
     let mut line_number = 0u64;
     let mut records = Vec::with_capacity(batch_size);
+    let mut bytes = 0usize;
     let mut skipped_lines = Vec::new();
     loop {
-        line.clear();
-        let read = match input.read_until(b'\n', &mut line) {
+        let read = match read_bounded_line(input.as_mut(), &mut line, MAX_LINE_BYTES) {
             Ok(read) => read,
             Err(error) => {
                 let _ = sender.blocking_send(Err(ReplayError::Input(error)));
                 return Ok(());
             }
         };
-        if read > 0 {
-            line_number += 1;
-            let text = line.trim_ascii();
-            if !text.is_empty() {
-                match parse_kcat_line(text, line_number) {
-                    Ok(record) => records.push(record),
-                    Err(error) => {
-                        skipped_lines.push(format!("input line {line_number}: skipped: {error}"))
+        match read {
+            Line::Read => {
+                line_number += 1;
+                let text = line.trim_ascii();
+                if !text.is_empty() {
+                    match parse_kcat_line(text, line_number) {
+                        Ok(record) => {
+                            bytes += text.len();
+                            records.push(record);
+                        }
+                        Err(error) => skipped_lines
+                            .push(format!("input line {line_number}: skipped: {error}")),
                     }
                 }
             }
+            Line::TooLong(length) => {
+                line_number += 1;
+                skipped_lines.push(format!(
+                    "input line {line_number}: skipped: {length} bytes, more than the \
+                     {MAX_LINE_BYTES} a record line may have"
+                ));
+            }
+            Line::End => {}
         }
-        let at_end = read == 0;
+        let at_end = read == Line::End;
         if records.len() >= batch_size
+            || bytes >= BATCH_MAX_BYTES
+            || skipped_lines.len() >= MAX_SKIPPED_LINES
             || (at_end && (!records.is_empty() || !skipped_lines.is_empty()))
         {
+            bytes = 0;
             let batch = processor.decode(std::mem::replace(
                 &mut records,
                 Vec::with_capacity(batch_size),
@@ -187,5 +265,43 @@ fn read_and_decode(
         if at_end {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lines come back without their newline; a line over the bound is reported with its
+    /// length and only the bound's worth of it is held; the next line is read normally.
+    #[test]
+    fn bounded_lines_skip_what_is_too_long() {
+        let text = b"short\n0123456789abcdef\n\nlast";
+        let mut input: &[u8] = text;
+        let mut buffer = Vec::new();
+        assert_eq!(
+            read_bounded_line(&mut input, &mut buffer, 8).unwrap(),
+            Line::Read
+        );
+        assert_eq!(buffer, b"short");
+        assert_eq!(
+            read_bounded_line(&mut input, &mut buffer, 8).unwrap(),
+            Line::TooLong(16)
+        );
+        assert_eq!(buffer.len(), 8);
+        assert_eq!(
+            read_bounded_line(&mut input, &mut buffer, 8).unwrap(),
+            Line::Read
+        );
+        assert!(buffer.is_empty());
+        assert_eq!(
+            read_bounded_line(&mut input, &mut buffer, 8).unwrap(),
+            Line::Read
+        );
+        assert_eq!(buffer, b"last");
+        assert_eq!(
+            read_bounded_line(&mut input, &mut buffer, 8).unwrap(),
+            Line::End
+        );
     }
 }

@@ -60,15 +60,43 @@ impl StateStore for MemoryStore {
     ) -> Result<(), StoreError> {
         let mut states = self.lock();
         for write in writes {
-            states.insert((write.pipeline, write.entity), write.state);
+            let key = (write.pipeline, write.entity);
+            // Never take an entity back to an older version (as the SQLite store).
+            if states
+                .get(&key)
+                .is_none_or(|stored| write.state.version >= stored.version)
+            {
+                states.insert(key, write.state);
+            }
         }
         let mut stored = self
             .checkpoints
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for checkpoint in checkpoints {
-            stored.insert((checkpoint.topic, checkpoint.partition), checkpoint.offset);
+            let slot = stored
+                .entry((checkpoint.topic, checkpoint.partition))
+                .or_insert(checkpoint.offset);
+            *slot = (*slot).max(checkpoint.offset);
         }
+        Ok(())
+    }
+
+    async fn reset_checkpoint(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let mut stored = self
+            .checkpoints
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = (topic.to_owned(), partition);
+        match offset {
+            Some(offset) => stored.insert(key, offset),
+            None => stored.remove(&key),
+        };
         Ok(())
     }
 

@@ -7,6 +7,7 @@
 pub mod changelog;
 mod memory;
 mod sqlite;
+mod write_behind;
 
 use std::collections::HashMap;
 
@@ -16,6 +17,7 @@ use crate::engine::EntityState;
 
 pub use memory::MemoryStore;
 pub use sqlite::SqliteStore;
+pub use write_behind::WriteBehind;
 
 /// A state row to write: the pipeline, the entity and its new state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +46,8 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
+    #[error("the background state save stopped: {0}")]
+    BackgroundSave(String),
     #[error("state store is unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
     #[error(
@@ -67,11 +71,21 @@ pub trait StateStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<HashMap<String, EntityState>, StoreError>> + Send;
 
     /// Writes states and changelog checkpoints atomically: all or none. Later rows for the
-    /// same entity win.
+    /// same entity win, but a row never replaces a stored state of a newer version (a late
+    /// save or a restore must not take an entity back), and a checkpoint only moves forward.
     fn save(
         &self,
         writes: Vec<StateWrite>,
         checkpoints: Vec<Checkpoint>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Sets the checkpoint of one changelog partition to exactly `offset` (or removes it),
+    /// backwards too: for a changelog that was recreated or truncated behind the store.
+    fn reset_checkpoint(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: Option<i64>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// The checkpoint of one changelog partition, if any.
@@ -80,4 +94,73 @@ pub trait StateStore: Send + Sync + 'static {
         topic: &str,
         partition: i32,
     ) -> impl Future<Output = Result<Option<i64>, StoreError>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Version;
+
+    fn write(version: u64, status: &str) -> StateWrite {
+        StateWrite {
+            pipeline: "orders".to_owned(),
+            entity: "1".to_owned(),
+            state: EntityState {
+                version: Version::new(vec![version, 1 << 33]),
+                image: Some(format!(r#"{{"status":"{status}"}}"#)),
+                updated_at_ms: 0,
+            },
+            partition: 0,
+        }
+    }
+
+    fn checkpoint(offset: i64) -> Checkpoint {
+        Checkpoint {
+            topic: "changelog".to_owned(),
+            partition: 0,
+            offset,
+        }
+    }
+
+    /// The same guarantees from every store: an older write (a late save, a restore from an
+    /// older changelog) never takes an entity back; checkpoints only move forward unless
+    /// reset on purpose.
+    async fn never_goes_back(store: &impl StateStore) {
+        store
+            .save(vec![write(20, "paid")], vec![checkpoint(9)])
+            .await
+            .unwrap();
+        store
+            .save(vec![write(3, "pending")], vec![checkpoint(4)])
+            .await
+            .unwrap();
+        let states = store.load("orders", &["1"]).await.unwrap();
+        assert_eq!(states["1"], write(20, "paid").state);
+        assert_eq!(store.checkpoint("changelog", 0).await.unwrap(), Some(9));
+        // A newer version (a larger first component beats any second one) still wins.
+        store
+            .save(vec![write(21, "shipped")], vec![])
+            .await
+            .unwrap();
+        let states = store.load("orders", &["1"]).await.unwrap();
+        assert_eq!(states["1"], write(21, "shipped").state);
+        store
+            .reset_checkpoint("changelog", 0, Some(2))
+            .await
+            .unwrap();
+        assert_eq!(store.checkpoint("changelog", 0).await.unwrap(), Some(2));
+        store.reset_checkpoint("changelog", 0, None).await.unwrap();
+        assert_eq!(store.checkpoint("changelog", 0).await.unwrap(), None);
+    }
+
+    /// SQLite (file-backed) and the in-memory store both refuse to go back.
+    #[tokio::test]
+    async fn stores_never_take_an_entity_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = SqliteStore::open(&dir.path().join("state.db"))
+            .await
+            .unwrap();
+        never_goes_back(&sqlite).await;
+        never_goes_back(&MemoryStore::new()).await;
+    }
 }

@@ -161,6 +161,32 @@ impl StateStore for SqliteStore {
             .map_err(StoreError::Unavailable)
     }
 
+    async fn reset_checkpoint(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let statement = match offset {
+            Some(_) => {
+                "INSERT INTO changelog_checkpoint (topic, partition, last_offset) VALUES (?, ?, ?) \
+                 ON CONFLICT (topic, partition) DO UPDATE SET last_offset = excluded.last_offset"
+            }
+            None => "DELETE FROM changelog_checkpoint WHERE topic = ? AND partition = ?",
+        };
+        let mut query = sqlx::query(statement)
+            .bind(topic.to_owned())
+            .bind(partition);
+        if let Some(offset) = offset {
+            query = query.bind(offset);
+        }
+        query
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::Unavailable)?;
+        Ok(())
+    }
+
     async fn save(
         &self,
         writes: Vec<StateWrite>,
@@ -181,9 +207,13 @@ impl StateStore for SqliteStore {
                     .push_bind(write.state.image.clone())
                     .push_bind(write.state.updated_at_ms);
             });
+            // Versions are fixed-width hex sequences, so text order is version order. A write
+            // older than the stored state (a late save, a restore under a newer state) is
+            // ignored: the store never takes an entity back.
             query.push(
                 " ON CONFLICT (pipeline, entity) DO UPDATE SET version = excluded.version, \
-                 image = excluded.image, updated_at_ms = excluded.updated_at_ms",
+                 image = excluded.image, updated_at_ms = excluded.updated_at_ms \
+                 WHERE excluded.version >= entity_state.version",
             );
             query
                 .build()

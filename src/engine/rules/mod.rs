@@ -347,6 +347,8 @@ impl CompiledRules {
         old: Option<&Map<String, Value>>,
     ) -> Context<'static, 'static> {
         let mut context = Context::with_env(Arc::clone(&self.env));
+        #[cfg(any(test, feature = "fault-injection"))]
+        add_fault_functions(&mut context);
         for (name, conversion) in VARIABLES.iter().zip(&self.conversions) {
             if matches!(conversion, Conversion::Unused) {
                 continue;
@@ -368,6 +370,19 @@ impl CompiledRules {
         }
         context
     }
+}
+
+/// Test builds only: `cdcflow_fault_panic(message)` panics, so that tests can prove a bug in a
+/// rule costs one record (to the DLQ as `internal_error`), not the partition.
+#[cfg(any(test, feature = "fault-injection"))]
+fn add_fault_functions(context: &mut Context<'static, 'static>) {
+    let declared = context.add_function("cdcflow_fault_panic", |message: Arc<String>| -> bool {
+        panic!("fault injected by a test rule: {message}")
+    });
+    debug_assert!(
+        declared.is_ok(),
+        "cdcflow_fault_panic clashes with a CEL overload"
+    );
 }
 
 fn index_of(variable: &str) -> usize {
