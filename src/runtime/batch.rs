@@ -511,7 +511,10 @@ mod tests {
                 .find(|(key, _)| key == name)
                 .map(|(_, value)| String::from_utf8_lossy(value).into_owned())
         };
-        assert_eq!(header("cdcflow.error.reason").as_deref(), Some("internal_error"));
+        assert_eq!(
+            header("cdcflow.error.reason").as_deref(),
+            Some("internal_error")
+        );
         assert!(
             header("cdcflow.error.message").is_some_and(|message| message.contains("boom")),
             "{:?}",

@@ -7,17 +7,21 @@
 mod checkout;
 pub use checkout::root;
 
-use std::collections::BTreeMap;
+mod scenario;
+pub use scenario::*;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaResult;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value;
 
 /// An input record: topic, key, value.
@@ -66,12 +70,15 @@ pub fn create_topics(topics: &[(&str, i32)]) {
     create_topics_with_configs(&plain);
 }
 
-/// Creates topics with topic-level configs (name, partitions, configs).
-pub fn create_topics_with_configs(topics: &[TopicSpec<'_>]) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+fn admin() -> AdminClient<DefaultClientContext> {
+    ClientConfig::new()
         .set("bootstrap.servers", bootstrap())
         .create()
-        .expect("admin client");
+        .expect("admin client")
+}
+
+/// Creates topics with topic-level configs (name, partitions, configs).
+pub fn create_topics_with_configs(topics: &[TopicSpec<'_>]) {
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|(name, partitions, configs)| {
@@ -82,11 +89,258 @@ pub fn create_topics_with_configs(topics: &[TopicSpec<'_>]) {
         })
         .collect();
     let results = runtime()
-        .block_on(admin.create_topics(new.iter(), &AdminOptions::new()))
+        .block_on(admin().create_topics(new.iter(), &AdminOptions::new()))
         .expect("create topics");
     for result in results {
         result.expect("topic created");
     }
+}
+
+/// Deletes a topic and waits until the broker's metadata no longer lists it.
+pub fn delete_topic(name: &str) {
+    let results = runtime()
+        .block_on(admin().delete_topics(&[name], &AdminOptions::new()))
+        .expect("delete topics");
+    for result in results {
+        if let Err((topic, code)) = result {
+            panic!("cannot delete topic `{topic}`: {code}");
+        }
+    }
+    let reader = offset_reader("read_uncommitted", None);
+    wait_until(
+        &format!("the metadata no longer lists topic `{name}`"),
+        Duration::from_secs(30),
+        || {
+            reader
+                .fetch_metadata(None, Duration::from_secs(5))
+                .is_ok_and(|metadata| metadata.topics().iter().all(|t| t.name() != name))
+        },
+    );
+}
+
+/// How often the bounded waits look again.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Whether `condition` holds within `timeout`, looked at every [`POLL_INTERVAL`].
+fn poll_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// Waits until `condition` holds, looking every 100 ms; panics naming `what` (the condition,
+/// e.g. "the group has committed every input record") after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, condition: impl FnMut() -> bool) {
+    assert!(
+        poll_until(timeout, condition),
+        "waited {timeout:?} in vain until {what}"
+    );
+}
+
+/// A client that only reads offsets: it never subscribes, so it never joins `group`.
+fn offset_reader(isolation: &str, group: Option<&str>) -> BaseConsumer {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", bootstrap())
+        .set("isolation.level", isolation)
+        .set("enable.auto.commit", "false");
+    if let Some(group) = group {
+        config.set("group.id", group);
+    }
+    config.create().expect("consumer")
+}
+
+/// The partitions of `topic`; panics when it has none (it does not exist).
+fn partitions_of(reader: &BaseConsumer, topic: &str) -> Vec<i32> {
+    let metadata = reader
+        .fetch_metadata(Some(topic), Duration::from_secs(5))
+        .expect("metadata");
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|topic| topic.partitions())
+        .map(|partition| partition.id())
+        .collect();
+    assert!(!partitions.is_empty(), "topic `{topic}` has no partitions");
+    partitions
+}
+
+/// How long a read of committed offsets retries while the broker withholds them: offsets
+/// committed by a transaction still open are unstable until it ends, at the latest after the
+/// 10 s `transaction_timeout` of [`shop_config`].
+const UNSTABLE_OFFSETS_PATIENCE: Duration = Duration::from_secs(15);
+
+/// A group's committed offsets and the end offsets of one topic it reads, read by clients
+/// that never join the group, so looking causes no rebalance.
+pub struct GroupOffsets {
+    group: String,
+    topic: String,
+    partitions: Vec<i32>,
+    /// read_committed, so librdkafka asks for stable offsets only (KIP-447): offsets of an
+    /// open transaction come back as UNSTABLE_OFFSET_COMMIT, never as a guess.
+    committed_reader: BaseConsumer,
+    /// read_uncommitted, so its end offsets are the high watermarks, not the last stable
+    /// offsets.
+    end_reader: BaseConsumer,
+}
+
+impl GroupOffsets {
+    pub fn new(group: &str, topic: &str) -> GroupOffsets {
+        let committed_reader = offset_reader("read_committed", Some(group));
+        GroupOffsets {
+            group: group.to_owned(),
+            topic: topic.to_owned(),
+            partitions: partitions_of(&committed_reader, topic),
+            committed_reader,
+            end_reader: offset_reader("read_uncommitted", None),
+        }
+    }
+
+    /// One look at the committed offsets: an error while any is unstable (waits take that
+    /// for "not yet"). Partitions without a commit are absent.
+    pub fn try_committed(&self) -> KafkaResult<BTreeMap<i32, i64>> {
+        let mut list = TopicPartitionList::new();
+        for &partition in &self.partitions {
+            list.add_partition(&self.topic, partition);
+        }
+        let committed = self
+            .committed_reader
+            .committed_offsets(list, Duration::from_secs(5))?;
+        let mut offsets = BTreeMap::new();
+        for element in committed.elements() {
+            element.error()?;
+            if let Offset::Offset(offset) = element.offset() {
+                offsets.insert(element.partition(), offset);
+            }
+        }
+        Ok(offsets)
+    }
+
+    /// The committed offset per partition (absent: nothing committed), retrying while an
+    /// open transaction keeps them unstable.
+    pub fn committed(&self) -> BTreeMap<i32, i64> {
+        let deadline = Instant::now() + UNSTABLE_OFFSETS_PATIENCE;
+        loop {
+            match self.try_committed() {
+                Ok(offsets) => return offsets,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(POLL_INTERVAL),
+                Err(error) => panic!(
+                    "cannot read the offsets group `{}` committed on `{}` within \
+                     {UNSTABLE_OFFSETS_PATIENCE:?}: {error}",
+                    self.group, self.topic
+                ),
+            }
+        }
+    }
+
+    /// The high watermark per partition.
+    pub fn end(&self) -> BTreeMap<i32, i64> {
+        self.try_end().unwrap_or_else(|error| {
+            panic!("cannot read the end offsets of `{}`: {error}", self.topic)
+        })
+    }
+
+    fn try_end(&self) -> KafkaResult<BTreeMap<i32, i64>> {
+        high_watermarks(&self.end_reader, &self.topic, &self.partitions)
+    }
+
+    /// Waits until the committed offsets add up to `at_least`.
+    pub fn wait_for_committed(&self, at_least: i64, timeout: Duration) {
+        let mut committed = BTreeMap::new();
+        let reached = poll_until(timeout, || {
+            // Unstable offsets (an open transaction) are a "not yet", not a failure.
+            if let Ok(offsets) = self.try_committed() {
+                committed = offsets;
+            }
+            committed.values().sum::<i64>() >= at_least
+        });
+        assert!(
+            reached,
+            "group `{}` committed {} records of `{}` within {timeout:?}, not {at_least} \
+             (per partition: {committed:?})",
+            self.group,
+            committed.values().sum::<i64>(),
+            self.topic
+        );
+    }
+
+    /// Waits until the committed offset of every partition is its end offset.
+    pub fn wait_caught_up(&self, timeout: Duration) {
+        let (mut committed, mut end) = (BTreeMap::new(), BTreeMap::new());
+        let caught_up = poll_until(timeout, || {
+            let (Ok(now_committed), Ok(now_end)) = (self.try_committed(), self.try_end()) else {
+                return false;
+            };
+            (committed, end) = (now_committed, now_end);
+            end.iter()
+                .all(|(partition, last)| committed.get(partition).copied().unwrap_or(0) == *last)
+        });
+        assert!(
+            caught_up,
+            "group `{}` did not catch up with `{}` within {timeout:?}: committed {committed:?}, \
+             end offsets {end:?}",
+            self.group, self.topic
+        );
+    }
+}
+
+/// The high watermark per partition. `reader` must read uncommitted: librdkafka asks for the
+/// end offsets with the consumer's isolation level, and read_committed ones are the last
+/// stable offsets.
+fn high_watermarks(
+    reader: &BaseConsumer,
+    topic: &str,
+    partitions: &[i32],
+) -> KafkaResult<BTreeMap<i32, i64>> {
+    partitions
+        .iter()
+        .map(|&partition| {
+            let (_, high) = reader.fetch_watermarks(topic, partition, Duration::from_secs(5))?;
+            Ok((partition, high))
+        })
+        .collect()
+}
+
+/// The offsets `group` committed per partition of `topic` (read_committed; partitions
+/// without a commit are absent), retrying while an open transaction keeps them unstable (up
+/// to 15 s).
+pub fn committed_offsets(group: &str, topic: &str) -> BTreeMap<i32, i64> {
+    GroupOffsets::new(group, topic).committed()
+}
+
+/// The high watermark per partition of `topic`.
+pub fn end_offsets(topic: &str) -> BTreeMap<i32, i64> {
+    let reader = offset_reader("read_uncommitted", None);
+    high_watermarks(&reader, topic, &partitions_of(&reader, topic))
+        .unwrap_or_else(|error| panic!("cannot read the end offsets of `{topic}`: {error}"))
+}
+
+/// Waits until the offsets `group` committed on `topic` add up to `at_least`.
+pub fn wait_for_committed(group: &str, topic: &str, at_least: i64, timeout: Duration) {
+    GroupOffsets::new(group, topic).wait_for_committed(at_least, timeout);
+}
+
+/// Waits until `group` has committed every record of `topic`: committed offset = end offset
+/// on every partition.
+pub fn wait_caught_up(group: &str, topic: &str, timeout: Duration) {
+    GroupOffsets::new(group, topic).wait_caught_up(timeout);
+}
+
+/// The consumer group of a config written by [`shop_config`].
+pub fn group_of(config: &Path) -> String {
+    let text = std::fs::read_to_string(config).unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix("group_id = \""))
+        .unwrap_or_else(|| panic!("no group_id in {}", config.display()))
+        .trim_end_matches('"')
+        .to_owned()
 }
 
 /// Produces records (topic, key, value) in order; the default partitioner keeps one key on
@@ -150,28 +404,12 @@ pub struct TransactionProbe {
 
 impl TransactionProbe {
     pub fn new(topic: &str) -> TransactionProbe {
-        let reader = |isolation: &str| -> BaseConsumer {
-            ClientConfig::new()
-                .set("bootstrap.servers", bootstrap())
-                .set("isolation.level", isolation)
-                .create()
-                .expect("consumer")
-        };
-        let committed = reader("read_committed");
-        let metadata = committed
-            .fetch_metadata(Some(topic), Duration::from_secs(5))
-            .expect("metadata");
-        let partitions = metadata
-            .topics()
-            .iter()
-            .flat_map(|topic| topic.partitions())
-            .map(|partition| partition.id())
-            .collect();
+        let committed = offset_reader("read_committed", None);
         TransactionProbe {
             topic: topic.to_owned(),
-            uncommitted: reader("read_uncommitted"),
+            uncommitted: offset_reader("read_uncommitted", None),
+            partitions: partitions_of(&committed, topic),
             committed,
-            partitions,
         }
     }
 
@@ -284,6 +522,8 @@ impl Service {
                 "CDCFLOW_LOG",
                 "info,cdcflow::kafka::service=debug,rdkafka=warn",
             )
+            // Tests read the log (partition lists, errors): plain text, no ANSI colours.
+            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
@@ -302,8 +542,11 @@ impl Service {
         assert!(status.success(), "kill -{signal} failed");
     }
 
-    /// SIGTERM, then the exit status within `timeout`.
+    /// SIGTERM, then the exit status within `timeout` (at once if it has exited already).
     pub fn stop(mut self, timeout: Duration) -> std::process::ExitStatus {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            return status;
+        }
         self.signal("TERM");
         let deadline = Instant::now() + timeout;
         loop {
@@ -328,6 +571,50 @@ impl Service {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle` and returns it; panics with the log after
+    /// `timeout`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
+        let mut log = String::new();
+        if poll_until(timeout, || {
+            log = self.log_text();
+            log.contains(needle)
+        }) {
+            return log;
+        }
+        panic!("no `{needle}` in the log within {timeout:?}; log:\n{log}");
+    }
+
+    /// How often `needle` occurs in the log so far.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log_text().matches(needle).count()
+    }
+
+    /// The partitions of each `partitions assigned` line, in log order (a line may name none:
+    /// a cooperative rebalance can assign nothing new).
+    pub fn assignments(&self) -> Vec<Vec<TopicPartition>> {
+        self.log_text()
+            .lines()
+            .filter_map(|line| logged_partitions(line, ASSIGNED))
+            .collect()
+    }
+
+    /// The partitions the log says the instance holds: assigned and not revoked since.
+    pub fn held_partitions(&self) -> BTreeSet<TopicPartition> {
+        let mut held = BTreeSet::new();
+        for line in self.log_text().lines() {
+            if let Some(assigned) = logged_partitions(line, ASSIGNED) {
+                held.extend(assigned);
+            } else if let Some(dropped) =
+                logged_partitions(line, REVOKED).or_else(|| logged_partitions(line, DROPPED))
+            {
+                for partition in &dropped {
+                    held.remove(partition);
+                }
+            }
+        }
+        held
     }
 
     /// `GET path` on the service's HTTP endpoint (its address is in the log): (status, body).
@@ -363,8 +650,47 @@ impl Service {
     }
 }
 
+/// How much of a service's log a failing test prints.
+const LOG_TAIL_LINES: usize = 60;
+
+/// An input partition named in the log: (topic, partition).
+pub type TopicPartition = (String, i32);
+
+/// The log line of an assignment; its `partitions` field lists what was assigned.
+pub const ASSIGNED: &str = "partitions assigned";
+/// The log line of a revocation (`lost=true` when the session had expired).
+pub const REVOKED: &str = "partitions revoked";
+/// The log line of a failed rebalance, whose partitions are dropped.
+const DROPPED: &str = "dropping the assignment";
+
+/// The partitions a log line containing `needle` names after it, in the form
+/// `partitions=[("<topic>", 3), ("<topic>", 7)]`; `None` for any other line.
+fn logged_partitions(line: &str, needle: &str) -> Option<Vec<TopicPartition>> {
+    let (_, fields) = line.split_once(needle)?;
+    Some(
+        fields
+            .split('(')
+            .skip(1)
+            .filter_map(|tuple| {
+                let (topic, partition) = tuple.split_once(')')?.0.rsplit_once(", ")?;
+                Some((topic.trim_matches('"').to_owned(), partition.parse().ok()?))
+            })
+            .collect(),
+    )
+}
+
 impl Drop for Service {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failed wait or assertion: the end of the log usually says why.
+            let log = self.log_text();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!(
+                "last lines of {}:\n{}",
+                self.log.display(),
+                lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+            );
+        }
         if self.child.try_wait().ok().flatten().is_none() {
             let _ = self.child.kill();
             let _ = self.child.wait();
@@ -573,4 +899,93 @@ pub fn per_entity(events: &[(String, String, String)]) -> BTreeMap<String, Vec<S
         grouped.entry(key.clone()).or_default().push(id.clone());
     }
     grouped
+}
+
+/// Event id -> the CloudEvent's `data`, of the events read back.
+pub fn event_data(records: &[ReadRecord]) -> BTreeMap<String, Value> {
+    records
+        .iter()
+        .map(|record| {
+            let event = record.json();
+            (
+                event["id"].as_str().unwrap_or_default().to_owned(),
+                event["data"].clone(),
+            )
+        })
+        .collect()
+}
+
+/// Event id -> the CloudEvent's `data`, of the events the replay oracle derives from
+/// `records`.
+pub fn expected_event_data(config: &Path, records: &[Record]) -> BTreeMap<String, Value> {
+    oracle_events(config, records)
+        .into_iter()
+        .map(|(_, event)| {
+            (
+                event["id"].as_str().unwrap().to_owned(),
+                event["data"].clone(),
+            )
+        })
+        .collect()
+}
+
+/// Every event read carries the oracle's `data` for its id. This is what catches a
+/// transition computed from a lost previous image (an OrderPaid with the wrong
+/// `from_status`): its id, derived from the input position, is right; its payload is not.
+pub fn assert_payloads(actual: &[ReadRecord], expected: &BTreeMap<String, Value>) {
+    let wrong: Vec<String> = actual
+        .iter()
+        .filter_map(|record| {
+            let event = record.json();
+            let id = event["id"].as_str().unwrap_or_default();
+            match expected.get(id) {
+                Some(data) if *data == event["data"] => None,
+                Some(data) => Some(format!(
+                    "{id} (key {}): data {} where the oracle has {data}",
+                    record.key, event["data"]
+                )),
+                None => Some(format!("{id}: no such expected event: {}", record.value)),
+            }
+        })
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {} events read differ from the replay oracle; first: {:#?}",
+        wrong.len(),
+        actual.len(),
+        &wrong[..wrong.len().min(10)]
+    );
+}
+
+/// At-least-once order, per entity key: a crash rewinds to the last commit, so each id read
+/// is either the entity's next expected id or a repeat of one read before, and the first
+/// occurrences are exactly the expected sequence.
+pub fn assert_order_per_entity(
+    actual: &[(String, String, String)],
+    expected: &[(String, String, String)],
+) {
+    let (actual, expected) = (per_entity(actual), per_entity(expected));
+    let keys: BTreeSet<&String> = actual.keys().chain(expected.keys()).collect();
+    for key in keys {
+        let read = actual.get(key).map_or(&[][..], Vec::as_slice);
+        let want = expected.get(key).map_or(&[][..], Vec::as_slice);
+        let mut next = 0;
+        for (position, id) in read.iter().enumerate() {
+            if want.get(next) == Some(id) {
+                next += 1;
+            } else {
+                assert!(
+                    want[..next].contains(id),
+                    "entity {key}: read {id} at position {position} where the next expected \
+                     event is {:?}, and it is no repeat; read {read:?}, expected {want:?}",
+                    want.get(next)
+                );
+            }
+        }
+        assert_eq!(
+            next,
+            want.len(),
+            "entity {key}: expected events missing; read {read:?}, expected {want:?}"
+        );
+    }
 }
