@@ -12,11 +12,15 @@
 //! - [`cdc`]: Debezium decoding, bytes to [`cdc::Change`]. Pure: no I/O, no async.
 //! - [`engine`]: the pure core: versions, decisions, rules, business events, DLQ and audit
 //!   records. Pure: no I/O, no async.
-//! - [`store`]: the per-entity state store (SQLite through sqlx, and in-memory for tests).
+//! - [`store`]: the per-entity state store (SQLite through sqlx, and in-memory for tests), and
+//!   the write-behind of committed state. A store never takes an entity back to an older
+//!   version.
 //! - [`runtime`]: drivers that feed records through the core and persist its outcome
-//!   (`replay` from JSON Lines today).
-//! - [`kafka`]: `cdcflow run`, the consumer-group service with its exactly-once and
-//!   at-least-once commit protocols and the changelog that backs state.
+//!   (`replay` from JSON Lines), and what the service loop needs without Kafka: lanes,
+//!   retries with jitter, the shutdown signal, health.
+//! - [`kafka`]: `cdcflow run`, the consumer-group service: one file per protocol (rebalance,
+//!   consume, the exactly-once and at-least-once commits, produce bookkeeping) and the
+//!   changelog that backs state; its `//!` docs give the layout.
 //! - [`http`]: the `/metrics`, `/healthz` and `/readyz` endpoint of `cdcflow run`.
 //! - [`config`]: the typed TOML configuration with validation and environment overrides.
 //! - [`metrics`]: every Prometheus metric family in one place.

@@ -375,6 +375,17 @@ fn config_schema_matches_the_example() {
     let mut wrong = config.clone();
     wrong["pipeline"][0]["topicz"] = json!(["x"]);
     assert!(!validator.is_valid(&wrong));
+    // The README's [kafka] section is valid; a property the runtime manages is not.
+    let mut with_kafka = config.clone();
+    with_kafka["kafka"] = json!({
+        "bootstrap_servers": "kafka-1:9092,kafka-2:9092", "group_id": "shop-events",
+        "instance_id": "cdcflow-0", "delivery": "exactly_once", "batch_max_records": 10000,
+        "batch_max_bytes": 33554432, "batch_max_wait": "100ms", "transaction_timeout": "10s",
+        "consumer": {"session.timeout.ms": "10000"}, "producer": {"compression.type": "zstd"}
+    });
+    assert_valid(&validator, &with_kafka);
+    with_kafka["kafka"]["consumer"]["isolation.level"] = json!("read_uncommitted");
+    assert!(!validator.is_valid(&with_kafka));
 }
 
 /// `--help` explains each command to a new user.
