@@ -23,8 +23,8 @@ use crate::cdc::{Header, RawRecord};
 use crate::engine::{OutputKind, RecordFailure, Stage};
 use crate::metrics::Tally;
 use crate::runtime::{
-    Attempt, BatchOutcome, BatchProcessor, Jitter, Lanes, Refusal, Refusals, RetryError,
-    RetryLimit, RetryPolicy, SharedPipelines, Shutdown, now_ms, retry,
+    Attempt, BatchOutcome, BatchProcessor, Jitter, Lanes, OutputOrigin, Refusal, Refusals,
+    RetryError, RetryLimit, RetryPolicy, SharedPipelines, Shutdown, now_ms, retry,
 };
 use crate::store::{Checkpoint, StateStore};
 
@@ -417,7 +417,7 @@ impl<S: StateStore> Worker<'_, S> {
         refused: &[RefusedOutput],
     ) -> Result<(), ServiceError> {
         for RefusedOutput { index, error } in refused {
-            let (Some(output), Some((pipeline, origin))) = (
+            let (Some(output), Some(OutputOrigin { pipeline, origin })) = (
                 outcome.outputs.get(*index),
                 outcome.output_origins.get(*index),
             ) else {

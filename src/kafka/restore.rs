@@ -47,12 +47,20 @@ impl ClientContext for QuietEof {
 
 impl ConsumerContext for QuietEof {}
 
+/// A pipeline's changelog topic and the input topics whose state it holds.
+#[derive(Debug)]
+pub(super) struct PipelineChangelog {
+    pub pipeline: String,
+    pub route: TopicRoute,
+    pub topic: String,
+}
+
 /// Restores changelog partitions into a store.
 #[derive(Debug)]
 pub(super) struct ChangelogRestorer<S> {
     pub(super) kafka: KafkaConfig,
-    /// (pipeline name, route, changelog topic) per pipeline.
-    pub(super) changelogs: Vec<(String, TopicRoute, String)>,
+    /// Per pipeline: its changelog and the inputs it backs.
+    pub(super) changelogs: Vec<PipelineChangelog>,
     pub(super) store: Arc<S>,
     pub(super) runtime: tokio::runtime::Handle,
 }
@@ -70,8 +78,10 @@ impl<S: StateStore> ChangelogRestorer<S> {
             changelogs: pipelines
                 .iter()
                 .zip(changelogs)
-                .map(|((route, pipeline), topic)| {
-                    (pipeline.name().to_owned(), route.clone(), topic.clone())
+                .map(|((route, pipeline), topic)| PipelineChangelog {
+                    pipeline: pipeline.name().to_owned(),
+                    route: route.clone(),
+                    topic: topic.clone(),
                 })
                 .collect(),
             store,
@@ -84,7 +94,12 @@ impl<S: StateStore> ChangelogRestorer<S> {
     pub(super) fn restore(&self, inputs: &[TopicPartition]) -> Result<u64, ServiceError> {
         let mut per_topic: BTreeMap<&str, (&str, Vec<i32>)> = BTreeMap::new();
         for TopicPartition { topic, partition } in inputs {
-            for (pipeline, route, changelog) in &self.changelogs {
+            for PipelineChangelog {
+                pipeline,
+                route,
+                topic: changelog,
+            } in &self.changelogs
+            {
                 if route.matches(topic) {
                     let (_, partitions) =
                         per_topic.entry(changelog).or_insert((pipeline, Vec::new()));

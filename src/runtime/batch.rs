@@ -120,12 +120,19 @@ impl StateCache {
     }
 }
 
+/// Where an output came from: the pipeline (by index) and the input record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputOrigin {
+    pub pipeline: usize,
+    pub origin: Origin,
+}
+
 /// What a batch produced, in input order.
 #[derive(Debug, Default)]
 pub struct BatchOutcome {
     pub outputs: Vec<OutputRecord>,
-    /// For each of `outputs`, the pipeline (index) and the input record it came from.
-    pub output_origins: Vec<(usize, Origin)>,
+    /// For each of `outputs`, the pipeline and the input record it came from.
+    pub output_origins: Vec<OutputOrigin>,
     /// The final state of every entity the batch changed.
     pub writes: Vec<StateWrite>,
 }
@@ -136,8 +143,10 @@ impl BatchOutcome {
         let added = self.outputs.len() - from;
         if added > 0 {
             let origin = record.origin();
-            self.output_origins
-                .extend(std::iter::repeat_n((pipeline, origin), added));
+            self.output_origins.extend(std::iter::repeat_n(
+                OutputOrigin { pipeline, origin },
+                added,
+            ));
         }
     }
 
@@ -181,16 +190,22 @@ pub struct Refusal {
 /// Refused records by pipeline index and origin.
 pub type Refusals = HashMap<(usize, Origin), Refusal>;
 
-/// A decoded slice of a batch: (record index, pipeline index, outcome) items and the number
-/// of records no pipeline reads.
-type DecodedSlice = (Vec<(usize, usize, DecodeOutcome)>, u64);
+/// One record decoded for one pipeline that reads it.
+#[derive(Debug)]
+struct DecodedItem {
+    /// The record's index in its batch.
+    record: usize,
+    /// The pipeline's index.
+    pipeline: usize,
+    outcome: DecodeOutcome,
+}
 
 /// A batch after routing and decoding: the first, parallelisable stage.
 #[derive(Debug, Default)]
 pub struct DecodedBatch {
     records: Vec<RawRecord>,
-    /// (record index, pipeline index, outcome), in record order.
-    items: Vec<(usize, usize, DecodeOutcome)>,
+    /// In record order.
+    items: Vec<DecodedItem>,
     unrouted: u64,
 }
 
@@ -242,8 +257,8 @@ impl<'p> BatchProcessor<'p> {
         }
     }
 
-    /// Routes and decodes a slice: (record index in the slice, pipeline, outcome), unrouted.
-    fn decode_slice(&self, records: &[RawRecord]) -> DecodedSlice {
+    /// Routes and decodes records: the items, and how many records no pipeline reads.
+    fn decode_slice(&self, records: &[RawRecord]) -> (Vec<DecodedItem>, u64) {
         let mut items = Vec::with_capacity(records.len());
         let mut unrouted = 0;
         for (index, record) in records.iter().enumerate() {
@@ -251,7 +266,11 @@ impl<'p> BatchProcessor<'p> {
             for (pipeline_index, (route, pipeline)) in self.pipelines.iter().enumerate() {
                 if route.matches(&record.topic) {
                     routed = true;
-                    items.push((index, pipeline_index, decode_guarded(pipeline, record)));
+                    items.push(DecodedItem {
+                        record: index,
+                        pipeline: pipeline_index,
+                        outcome: decode_guarded(pipeline, record),
+                    });
                 }
             }
             if !routed {
@@ -318,7 +337,12 @@ impl<'p> BatchProcessor<'p> {
 
         let mut outcome = BatchOutcome::default();
         let mut dirty: HashMap<(usize, String), i32> = HashMap::new();
-        for (record_index, pipeline_index, decoded) in batch.items {
+        for DecodedItem {
+            record: record_index,
+            pipeline: pipeline_index,
+            outcome: decoded,
+        } in batch.items
+        {
             let record = &batch.records[record_index];
             let pipeline = &self.pipelines[pipeline_index].1;
             let counts = tally.pipeline(pipeline_index, pipeline.name());
@@ -406,11 +430,11 @@ impl<'p> BatchProcessor<'p> {
         store: &S,
     ) -> Result<(), StoreError> {
         let mut missing: Vec<HashSet<&str>> = vec![HashSet::new(); self.pipelines.len()];
-        for (_, pipeline, decoded) in &batch.items {
-            if let DecodeOutcome::Change(change) = decoded
-                && !cache.contains(*pipeline, change.key.as_str())
+        for item in &batch.items {
+            if let DecodeOutcome::Change(change) = &item.outcome
+                && !cache.contains(item.pipeline, change.key.as_str())
             {
-                missing[*pipeline].insert(change.key.as_str());
+                missing[item.pipeline].insert(change.key.as_str());
             }
         }
         for (index, entities) in missing.into_iter().enumerate() {
@@ -500,7 +524,7 @@ mod tests {
             .outputs
             .iter()
             .zip(&outcome.output_origins)
-            .map(|(output, (_, origin))| (output.kind.as_str(), origin.offset))
+            .map(|(output, from)| (output.kind.as_str(), from.origin.offset))
             .collect();
         assert_eq!(kinds, [("event", 0), ("dlq", 1), ("event", 2)]);
         let dead_letter = &outcome.outputs[1];

@@ -15,7 +15,9 @@ mod replay;
 mod retry;
 mod shutdown;
 
-pub use batch::{BatchOutcome, BatchProcessor, DecodedBatch, Refusal, Refusals, StateCache};
+pub use batch::{
+    BatchOutcome, BatchProcessor, DecodedBatch, OutputOrigin, Refusal, Refusals, StateCache,
+};
 pub use health::Health;
 pub use kcat::{KcatLineError, parse_kcat_line, write_output_line};
 pub use lanes::Lanes;
