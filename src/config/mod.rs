@@ -14,7 +14,9 @@ use regex::Regex;
 use thiserror::Error;
 
 use crate::cdc::Decoder;
-use crate::engine::{CompiledRules, Pipeline, PipelineSettings, RuleCompileError};
+use crate::engine::{
+    CompiledRules, Pipeline, PipelineSettings, RuleCompileError, UnavailablePlaceholder,
+};
 
 pub use model::{
     Config, DeliveryConfig, EventsConfig, FormatConfig, HttpConfig, KafkaConfig, LimitsConfig,
@@ -207,6 +209,17 @@ impl Config {
                     ),
                 ));
             }
+            if pipeline
+                .unavailable_value_placeholder
+                .as_deref()
+                .is_some_and(str::is_empty)
+            {
+                return Err(invalid(
+                    at("unavailable_value_placeholder"),
+                    "must not be empty: every empty text would count as unavailable; use the \
+                     connector's unavailable.value.placeholder",
+                ));
+            }
             if pipeline.topics.is_empty() && pipeline.topic_pattern.is_none() {
                 return Err(invalid(
                     at("topics"),
@@ -349,6 +362,11 @@ impl Config {
                     event_source: format!("{}/{}", self.events.source_prefix, pipeline.name),
                     event_mode: self.events.mode.to_mode(),
                     max_output_bytes: self.limits.max_output_bytes,
+                    unavailable: pipeline
+                        .unavailable_value_placeholder
+                        .as_deref()
+                        .map(UnavailablePlaceholder::new)
+                        .unwrap_or_default(),
                 };
                 Ok((route, Pipeline::new(settings)))
             })

@@ -219,6 +219,13 @@ pub struct PipelineConfig {
     /// default.
     #[serde(default)]
     pub audit_topic: Option<String>,
+    /// The Debezium connector's `unavailable.value.placeholder` (what an unchanged TOASTed
+    /// column carries with Postgres' REPLICA IDENTITY DEFAULT). A field holding it (as text,
+    /// base64 or hex bytes, or an array of it) takes the entity's stored value before rules
+    /// run; without one it is left out and named in the event's `unavailablefields`. Default
+    /// `__debezium_unavailable_value`.
+    #[serde(default)]
+    pub unavailable_value_placeholder: Option<String>,
     /// The rules that derive business events.
     #[serde(rename = "rule", default)]
     pub rules: Vec<RuleConfig>,

@@ -61,6 +61,10 @@ pub struct BusinessEvent {
     pub partition_key: String,
     pub causation_id: String,
     pub correlation_id: Option<String>,
+    /// Fields the connector did not deliver (Debezium's unavailable-value placeholder) and
+    /// cdcflow had no stored value for: absent from the images the rules saw. Written as the
+    /// `unavailablefields` extension, comma-separated, only when not empty.
+    pub unavailable_fields: Vec<String>,
 }
 
 /// The structured-mode document, borrowed from an event for serialisation.
@@ -82,6 +86,8 @@ struct Document<'a> {
     causationid: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     correlationid: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unavailablefields: Option<String>,
 }
 
 impl BusinessEvent {
@@ -100,7 +106,13 @@ impl BusinessEvent {
             partitionkey: &self.partition_key,
             causationid: &self.causation_id,
             correlationid: self.correlation_id.as_deref(),
+            unavailablefields: self.unavailable_fields_text(),
         }
+    }
+
+    /// The `unavailablefields` extension: the names, comma-separated; none when empty.
+    fn unavailable_fields_text(&self) -> Option<String> {
+        (!self.unavailable_fields.is_empty()).then(|| self.unavailable_fields.join(","))
     }
 
     /// The structured-mode JSON document.
@@ -153,6 +165,9 @@ impl BusinessEvent {
                         "ce_correlationid".to_owned(),
                         correlation.as_bytes().to_vec(),
                     ));
+                }
+                if let Some(fields) = self.unavailable_fields_text() {
+                    headers.push(("ce_unavailablefields".to_owned(), fields.into_bytes()));
                 }
                 headers.push(("content-type".to_owned(), b"application/json".to_vec()));
                 (headers, serde_json::to_vec(&self.data).unwrap_or_default())

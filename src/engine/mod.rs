@@ -10,6 +10,7 @@ mod gate;
 mod output;
 mod pipeline;
 mod rules;
+mod unavailable;
 mod version;
 
 pub use event::{BusinessEvent, EventMode, event_id};
@@ -18,4 +19,5 @@ pub use gate::{Decision, EntityState, decide};
 pub use output::{OutputKind, OutputRecord, headers as output_headers};
 pub use pipeline::{Applied, DecodeOutcome, Pipeline, PipelineSettings};
 pub use rules::{CompiledRules, PayloadSpec, RuleCompileError, RuleError, RuleInput, RuleSpec};
+pub use unavailable::{DEFAULT_PLACEHOLDER, UnavailablePlaceholder};
 pub use version::{Connector, Version, VersionError, VersionSource, VersionSpec};

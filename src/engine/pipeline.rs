@@ -7,6 +7,7 @@ use super::failure::{RecordFailure, Stage};
 use super::gate::{Decision, EntityState, decide};
 use super::output::{self, DroppedChange, OutputRecord};
 use super::rules::{CompiledRules, RuleInput};
+use super::unavailable::UnavailablePlaceholder;
 use super::version::{Version, VersionSpec};
 use crate::cdc::{Change, Decoded, Decoder, Op, RawRecord, SkipReason};
 
@@ -25,6 +26,9 @@ pub struct PipelineSettings {
     /// whose event would be larger goes to the DLQ instead of failing at the broker.
     pub max_output_bytes: usize,
     pub event_mode: EventMode,
+    /// The connector's `unavailable.value.placeholder`: fields holding it take the stored
+    /// value before rules run.
+    pub unavailable: UnavailablePlaceholder,
 }
 
 /// A compiled pipeline.
@@ -139,16 +143,49 @@ impl Pipeline {
                 event_types: Vec::new(),
             });
         }
+        let placeholder = &settings.unavailable;
+        let holds_placeholder = |row: &Option<Map<String, Value>>| {
+            row.as_ref().is_some_and(|row| placeholder.any_in(row))
+        };
+        let needs_fill = holds_placeholder(&change.after) || holds_placeholder(&change.before);
         let previous = match stored.and_then(|state| state.image.as_deref()) {
-            Some(image) if settings.rules.reads_previous() => Some(parse_stored_image(image)?),
+            Some(image) if needs_fill || settings.rules.reads_previous() => {
+                Some(parse_stored_image(image)?)
+            }
             _ => None,
+        };
+        // Debezium's placeholder for values it did not read (unchanged TOASTed columns) takes
+        // the stored value, or leaves the field out; copies are made only when it occurs.
+        let mut unavailable_fields = Vec::new();
+        let mut fill = |row: &Option<Map<String, Value>>| {
+            row.clone().map(|mut row| {
+                unavailable_fields.extend(placeholder.fill(&mut row, previous.as_ref()));
+                row
+            })
+        };
+        let (filled_before, filled_after) = if needs_fill {
+            (fill(&change.before), fill(&change.after))
+        } else {
+            (None, None)
+        };
+        unavailable_fields.sort();
+        unavailable_fields.dedup();
+        let before = if needs_fill {
+            filled_before.as_ref()
+        } else {
+            change.before.as_ref()
+        };
+        let after = if needs_fill {
+            filled_after.as_ref()
+        } else {
+            change.after.as_ref()
         };
         let fired = settings
             .rules
             .evaluate(&RuleInput {
                 op: change.op.code(),
-                before: change.before.as_ref(),
-                after: change.after.as_ref(),
+                before,
+                after,
                 previous: previous.as_ref(),
                 key: change.key.fields(),
                 source: &change.source,
@@ -182,6 +219,7 @@ impl Pipeline {
                 partition_key: change.key.as_str().to_owned(),
                 causation_id: causation.clone(),
                 correlation_id: change.transaction_id.clone(),
+                unavailable_fields: unavailable_fields.clone(),
             };
             let output = event.to_output(&fired.rule.topic, settings.event_mode);
             let size = output.size();
@@ -201,10 +239,9 @@ impl Pipeline {
         }
         let image = match change.op {
             Op::Delete | Op::Truncate => None,
-            Op::Create | Op::Update | Op::Read => change
-                .after
-                .as_ref()
-                .and_then(|row| serde_json::to_string(row).ok()),
+            Op::Create | Op::Update | Op::Read => {
+                after.and_then(|row| serde_json::to_string(row).ok())
+            }
         };
         let next_state = EntityState {
             version: version.clone(),
