@@ -51,9 +51,36 @@ export CDCFLOW_KAFKA_CONTROLLER_PORT="${CDCFLOW_TEST_KAFKA_CONTROLLER_PORT:-1929
 export CDCFLOW_KAFKA_DIR="${CDCFLOW_TEST_KAFKA_DIR:-$HOME/.cache/cdcflow/kafka-test}"
 log "starting the local Kafka broker (deploy/local/kafka.sh)"
 deploy/local/kafka.sh reset >/dev/null
-trap 'deploy/local/kafka.sh stop >/dev/null 2>&1 || true' EXIT
+stop_services() {
+    deploy/local/connect.sh stop >/dev/null 2>&1 || true
+    deploy/local/mariadb.sh stop >/dev/null 2>&1 || true
+    deploy/local/postgres.sh stop >/dev/null 2>&1 || true
+    deploy/local/kafka.sh stop >/dev/null 2>&1 || true
+}
+trap stop_services EXIT
 CDCFLOW_KAFKA_BOOTSTRAP="$(deploy/local/kafka.sh start)"
 export CDCFLOW_KAFKA_BOOTSTRAP
+
+# The real Debezium stack for the end-to-end tests (tests/debezium_e2e.rs), once for the
+# suite, on ports and state directories of its own: PostgreSQL and MariaDB from Debian's
+# packages (installed when missing), Kafka Connect with Debezium's connectors from Maven
+# Central. Connect flushes source offsets only every minute, so that a kill -9 of Connect
+# always makes Debezium re-send changes.
+export CDCFLOW_PG_PORT="${CDCFLOW_TEST_PG_PORT:-25432}"
+export CDCFLOW_PG_DIR="${CDCFLOW_TEST_PG_DIR:-$HOME/.cache/cdcflow/postgres-test}"
+export CDCFLOW_MARIADB_PORT="${CDCFLOW_TEST_MARIADB_PORT:-23306}"
+export CDCFLOW_MARIADB_DIR="${CDCFLOW_TEST_MARIADB_DIR:-$HOME/.cache/cdcflow/mariadb-test}"
+export CDCFLOW_CONNECT_PORT="${CDCFLOW_TEST_CONNECT_PORT:-28083}"
+export CDCFLOW_CONNECT_DIR="${CDCFLOW_TEST_CONNECT_DIR:-$HOME/.cache/cdcflow/connect-test}"
+export CDCFLOW_CONNECT_GROUP=cdcflow-connect-test
+export CDCFLOW_CONNECT_OFFSET_FLUSH_MS=60000
+stack_started=$SECONDS
+log "starting PostgreSQL, MariaDB and Kafka Connect with Debezium (deploy/local/*.sh)"
+for service in postgres mariadb connect; do
+    deploy/local/$service.sh reset >/dev/null
+    deploy/local/$service.sh start >/dev/null
+done
+log "Debezium stack ready in $((SECONDS - stack_started)) s"
 
 # One test at a time: the Kafka tests start cdcflow processes and a JVM per read-back, and
 # this machine has two cores.

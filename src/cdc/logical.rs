@@ -23,6 +23,8 @@ const CONNECT_DATE: &str = "org.apache.kafka.connect.data.Date";
 const CONNECT_TIME: &str = "org.apache.kafka.connect.data.Time";
 const CONNECT_TIMESTAMP: &str = "org.apache.kafka.connect.data.Timestamp";
 const DEBEZIUM_DATE: &str = "io.debezium.time.Date";
+/// `json` and `jsonb` columns: the document as JSON text.
+const DEBEZIUM_JSON: &str = "io.debezium.data.Json";
 const DEBEZIUM_TIME: &str = "io.debezium.time.Time";
 const DEBEZIUM_MICRO_TIME: &str = "io.debezium.time.MicroTime";
 const DEBEZIUM_NANO_TIME: &str = "io.debezium.time.NanoTime";
@@ -63,6 +65,17 @@ pub(crate) fn convert_row(
 
 fn convert_value(value: &mut Value, schema: &Value, path: &str) -> Result<(), DecodeError> {
     if value.is_null() {
+        return Ok(());
+    }
+    if schema.get("name").and_then(Value::as_str) == Some(DEBEZIUM_JSON) {
+        // json and jsonb columns arrive as JSON text: rules want the document. Text that is
+        // not JSON (Debezium's placeholder for an unchanged TOASTed value) stays text.
+        if let Some(document) = value
+            .as_str()
+            .and_then(|text| serde_json::from_str::<Value>(text).ok())
+        {
+            *value = document;
+        }
         return Ok(());
     }
     if let Some(logical) = schema.get("name").and_then(Value::as_str)

@@ -8,8 +8,9 @@
 //! ```
 //!
 //! Text and JSON columns carry the placeholder text; `bytea` carries its bytes, encoded as the
-//! connector's `binary.handling.mode` says (base64 by default, or hex); arrays carry a list of
-//! placeholders. The placeholder must never reach the rules or the stored state as if it were
+//! connector's `binary.handling.mode` says (base64 by default, or hex); text arrays carry a
+//! list of placeholders, integer arrays the placeholder's bytes as their elements (seen with
+//! Debezium 3.5: `[95,95,100,101,...]`). The placeholder must never reach the rules or the stored state as if it were
 //! data: each such field takes the entity's stored value of that field, and where nothing is
 //! stored it is left out and named, so the event can say which fields were unavailable.
 
@@ -57,10 +58,18 @@ impl UnavailablePlaceholder {
         match value {
             Value::String(text) => self.matches_text(text),
             Value::Array(items) => {
-                !items.is_empty()
+                let all_placeholders = !items.is_empty()
                     && items
                         .iter()
-                        .all(|item| item.as_str().is_some_and(|text| self.matches_text(text)))
+                        .all(|item| item.as_str().is_some_and(|text| self.matches_text(text)));
+                // An integer array carries the placeholder's bytes as its elements (seen with
+                // Debezium 3.5 and an integer[] column).
+                let placeholder_bytes = items.len() == self.text.len()
+                    && items
+                        .iter()
+                        .zip(self.text.bytes())
+                        .all(|(item, byte)| item.as_u64() == Some(u64::from(byte)));
+                all_placeholders || placeholder_bytes
             }
             _ => false,
         }
@@ -121,12 +130,19 @@ mod tests {
             json!("X19kZWJleml1bV91bmF2YWlsYWJsZV92YWx1ZQ=="),
             json!("5f5f646562657a69756d5f756e617661696c61626c655f76616c7565"),
             json!(["__debezium_unavailable_value"]),
+            Value::from(
+                "__debezium_unavailable_value"
+                    .bytes()
+                    .map(u64::from)
+                    .collect::<Vec<_>>(),
+            ),
         ] {
             assert!(placeholder.matches(&value), "{value}");
         }
         for value in [
             json!("a note about __debezium_unavailable_value"),
             json!([]),
+            json!([95, 95, 100]),
             json!(["__debezium_unavailable_value", "real"]),
             json!(null),
             json!(7),

@@ -7,17 +7,19 @@
 //! offsets, and every bounded wait), `service` (the `cdcflow run` child and its log),
 //! `read_back` (the console consumer) and `oracle` (the replay oracle and the assertions
 //! against it). Everything is re-exported here, so a test needs only `use kafka_support::*;`.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_imports)]
 
 #[path = "../common/checkout.rs"]
 mod checkout;
 pub use checkout::root;
 
+mod debezium;
 mod offsets;
 mod oracle;
 mod read_back;
 mod scenario;
 mod service;
+pub use debezium::*;
 pub use offsets::*;
 pub use oracle::*;
 pub use read_back::*;
