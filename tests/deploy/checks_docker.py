@@ -14,7 +14,6 @@ from deploy_files import (
     DOCKERFILE,
     ENTRYPOINT,
     README,
-    README_PROPOSAL,
     Problems,
     cargo_package,
     dockerfile_instructions,
@@ -25,9 +24,8 @@ from deploy_files import (
 
 
 def readme_commands(root: Path) -> tuple[str, list[str]]:
-    """The documented docker commands: README's once it has them, else the proposed section
-    (delete that file once README carries the section: README is then the only source)."""
-    for source in (README, README_PROPOSAL):
+    """The documented docker commands: README's "Docker" section."""
+    for source in (README,):
         if not (root / source).exists():
             continue
         lines = [l.strip() for l in (root / source).read_text().splitlines()]

@@ -25,7 +25,6 @@ PROMETHEUS_CONFIG = "deploy/prometheus/prometheus.yml"
 CONFIG_SCHEMA = "schemas/config.schema.json"
 SHOP_CONFIG = "examples/shop.toml"
 README = "README.md"
-README_PROPOSAL = "tests/deploy/readme-docker-section.md"
 CRD_SCHEMAS = "tests/deploy/crd-schemas"
 # The compose copy of the Postgres connector and the local stack's original.
 COMPOSE_CONNECTOR = "deploy/docker/postgres-shop.connector.json"

@@ -160,3 +160,32 @@ pub fn kill_and_restart_connect() {
     });
     script("connect.sh", &["start"], &[], "");
 }
+
+/// The source offsets Kafka Connect has flushed for connector `name` (its REST API, KIP-875),
+/// as text: what a restarted connector resumes from.
+pub fn connector_offsets(name: &str) -> String {
+    let port = std::env::var("CDCFLOW_CONNECT_PORT").unwrap_or_else(|_| "18083".to_owned());
+    let output = Command::new("curl")
+        .args([
+            "-sf",
+            &format!("http://127.0.0.1:{port}/connectors/{name}/offsets"),
+        ])
+        .output()
+        .expect("curl runs");
+    assert!(output.status.success(), "GET offsets of {name} failed");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Waits until connector `name` and its task run again (after a restart of Connect).
+pub fn wait_for_connector_running(name: &str, timeout: Duration) {
+    wait_until(&format!("connector {name} runs"), timeout, || {
+        script("connect.sh", &["connectors"], &[], "")
+            .lines()
+            .any(|line| line.starts_with(name) && line.contains("tasks: 0=RUNNING"))
+    });
+}
+
+/// How many records `topic` holds (all partitions, read_uncommitted end offsets).
+pub fn record_count(topic: &str) -> i64 {
+    end_offsets(topic).values().sum()
+}
