@@ -26,7 +26,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 CONNECT_VERSION="${CDCFLOW_CONNECT_VERSION:-4.3.1}"
 DEBEZIUM_VERSION="${CDCFLOW_DEBEZIUM_VERSION:-3.5.0.Final}"
 PLUGIN_NAMES="${CDCFLOW_CONNECT_PLUGINS:-postgres mariadb}"
-HOST=127.0.0.1
 PORT="${CDCFLOW_CONNECT_PORT:-18083}"
 BOOTSTRAP="${CDCFLOW_KAFKA_BOOTSTRAP:-127.0.0.1:${CDCFLOW_KAFKA_PORT:-19092}}"
 GROUP="${CDCFLOW_CONNECT_GROUP:-cdcflow-connect}"
@@ -44,20 +43,16 @@ WORKER_POM="$LIB_DIR/connect-pom.xml"
 PLUGIN_POM="$LIB_DIR/debezium-pom.xml"
 
 check_settings() {
-    require_number CDCFLOW_CONNECT_PORT "$PORT"
+    check_service_settings CONNECT
     require_number CDCFLOW_CONNECT_OFFSET_FLUSH_MS "$OFFSET_FLUSH_MS"
-    require_number CDCFLOW_CONNECT_START_TIMEOUT "$START_TIMEOUT"
     require_number CDCFLOW_CONNECT_REGISTER_TIMEOUT "$REGISTER_TIMEOUT"
-    require_number CDCFLOW_CONNECT_STOP_TIMEOUT "$STOP_TIMEOUT"
-    [[ "$HEAP" =~ ^[0-9]+[kKmMgG]?$ ]] || die "CDCFLOW_CONNECT_HEAP must look like 512m, got '$HEAP'"
+    require_heap CDCFLOW_CONNECT_HEAP "$HEAP"
     [[ "$GROUP" =~ ^[A-Za-z0-9._-]+$ ]] || die "CDCFLOW_CONNECT_GROUP may hold only letters, digits, '.', '_', '-': '$GROUP'"
     CACHE="$(check_dir "$CACHE")"
     DEBEZIUM_CACHE="$(check_dir "$DEBEZIUM_CACHE")"
-    STATE="$(check_dir "$STATE")"
     LIB="$CACHE/lib"
     PLUGINS="$DEBEZIUM_CACHE/plugins"
     CONF="$STATE/config"
-    LOGS="$STATE/logs"
     PIDFILE="$STATE/connect.pid"
     WORKER_PROPS="$CONF/connect-distributed.properties"
     REST="http://$HOST:$PORT"
@@ -66,69 +61,25 @@ check_settings() {
     TOPIC_STATUS="$GROUP.status"
 }
 
-# ------------------------------------------------------------ prerequisites --
-
-JAVA=""
-find_java() {
-    [[ -z "$JAVA" ]] || return 0
-    if [[ -n "${JAVA_HOME:-}" && -x "$JAVA_HOME/bin/java" ]]; then
-        JAVA="$JAVA_HOME/bin/java"
-    elif command -v java >/dev/null 2>&1; then
-        JAVA="$(command -v java)"
-    else
-        die "java not found; Kafka Connect $CONNECT_VERSION needs Java 17+:
-  Debian/Ubuntu: apt-get install -y openjdk-17-jre-headless   (or set JAVA_HOME)"
-    fi
-}
-
 # ----------------------------------------------------------- jar resolution --
 
-digest() { sha256sum "$1" | cut -d' ' -f1; }
-
-# resolve_into DIR MARKER MARKER_TEXT MVN_ARGS...: mvn dependency:copy-dependencies
-# into DIR once; the file MARKER records what is in DIR (and MARKER.lock
-# serializes resolutions).  Markers stay outside plugin.path.
-resolve_into() {
-    local dir="$1" marker="$2" want="$3"
-    shift 3
-    [[ -d "$dir" && "$(cat "$marker" 2>/dev/null)" == "$want" ]] && return 0
-    command -v mvn >/dev/null 2>&1 || die "mvn not found; it is needed once, to fetch the jars from Maven Central:
-  Debian/Ubuntu: apt-get install -y maven"
-    mkdir -p "$(dirname "$dir")" "$(dirname "$marker")"
-    exec 8>"$marker.lock"
-    flock -w 600 8 || die "timed out waiting for another resolution into $dir"
-    if [[ ! -d "$dir" || "$(cat "$marker" 2>/dev/null)" != "$want" ]]; then
-        log "resolving $(basename "$dir") with Maven into $dir (once) ..."
-        local tmp="$dir.tmp.$$" t0=$SECONDS
-        rm -rf -- "$tmp"
-        # Maven 3.8 prints colour resets even in batch mode: strip escapes
-        # (pipefail: the pipeline fails when mvn does).
-        if ! mvn -q -B -Dstyle.color=never "$@" dependency:copy-dependencies \
-            -DoutputDirectory="$tmp" 2>&1 | sed 's/\x1b\[[0-9;]*m//g' >&2; then
-            rm -rf -- "$tmp"
-            exec 8>&-
-            die "maven could not resolve $(basename "$dir") ($want); see above"
-        fi
-        rm -rf -- "$dir"
-        mv -- "$tmp" "$dir"
-        printf '%s\n' "$want" >"$marker"
-        log "resolved $(find "$dir" -name '*.jar' | wc -l) jars in $((SECONDS - t0)) s"
-    fi
-    exec 8>&-
-}
-
+# The worker's jars and one plugin folder per connector, each resolved once
+# (the markers stay outside plugin.path).
 ensure_resolved() {
-    resolve_into "$LIB" "$CACHE/.resolved" "kafka=$CONNECT_VERSION pom=$(digest "$WORKER_POM")" \
-        -f "$WORKER_POM" -Dkafka.version="$CONNECT_VERSION"
+    resolve_into "the Kafka Connect $CONNECT_VERSION jars" "$LIB" "$CACHE/.resolved" \
+        "kafka=$CONNECT_VERSION pom=$(digest "$WORKER_POM")" "$CACHE/.resolved.lock" \
+        "connect-runtime-$CONNECT_VERSION.jar" -f "$WORKER_POM" -Dkafka.version="$CONNECT_VERSION"
     [[ -f "$LIB/connect-runtime-$CONNECT_VERSION.jar" ]] ||
         die "connect-runtime-$CONNECT_VERSION.jar is missing in $LIB"
-    local name
+    local name marker
     for name in $PLUGIN_NAMES; do
         [[ "$name" =~ ^[a-z0-9]+$ ]] || die "CDCFLOW_CONNECT_PLUGINS: bad connector name '$name'"
+        marker="$DEBEZIUM_CACHE/.debezium-connector-$name.resolved"
         # Keep the worker's own jars out of the plugin folder: the exclusions in
         # debezium-pom.xml, and excludeGroupIds for anything that slips through.
-        resolve_into "$PLUGINS/debezium-connector-$name" "$DEBEZIUM_CACHE/.debezium-connector-$name.resolved" \
-            "debezium=$DEBEZIUM_VERSION connector=$name pom=$(digest "$PLUGIN_POM")" \
+        resolve_into "debezium-connector-$name $DEBEZIUM_VERSION" "$PLUGINS/debezium-connector-$name" "$marker" \
+            "debezium=$DEBEZIUM_VERSION connector=$name pom=$(digest "$PLUGIN_POM")" "$marker.lock" \
+            "debezium-connector-$name-$DEBEZIUM_VERSION.jar" \
             -f "$PLUGIN_POM" -Ddebezium.version="$DEBEZIUM_VERSION" -Ddebezium.connector="$name" \
             -DincludeScope=runtime -DexcludeGroupIds=org.apache.kafka,org.slf4j
         [[ -f "$PLUGINS/debezium-connector-$name/debezium-connector-$name-$DEBEZIUM_VERSION.jar" ]] ||
@@ -182,20 +133,10 @@ scheduled.rebalance.max.delay.ms=0
 EOF
     mv -- "$tmp" "$WORKER_PROPS"
 
-    cat >"$CONF/log4j2.xml" <<'EOF'
-<?xml version="1.0" encoding="UTF-8"?>
-<!-- Written by deploy/local/connect.sh: worker logs under ${sys:connect.logs.dir}. -->
-<Configuration status="warn" name="cdcflow-connect">
-  <Properties>
-    <Property name="dir">${sys:connect.logs.dir}</Property>
-    <Property name="pattern">[%d] %p %X{connector.context}%m (%c)%n</Property>
-  </Properties>
-  <Appenders>
-    <RollingFile name="connect" fileName="${dir}/connect.log" filePattern="${dir}/connect.log.%i">
-      <PatternLayout pattern="${pattern}"/>
-      <Policies><SizeBasedTriggeringPolicy size="20 MB"/></Policies>
-      <DefaultRolloverStrategy max="5"/>
-    </RollingFile>
+    {
+        log4j2_head cdcflow-connect worker connect.logs.dir '[%d] %p %X{connector.context}%m (%c)%n'
+        log4j2_rolling connect connect.log 5
+        cat <<'EOF'
   </Appenders>
   <Loggers>
     <Root level="INFO"><AppenderRef ref="connect"/></Root>
@@ -205,17 +146,12 @@ EOF
   </Loggers>
 </Configuration>
 EOF
+    } >"$CONF/log4j2.xml"
 }
 
 # ---------------------------------------------------------- process checks --
 
-worker_pid() {
-    local pid
-    [[ -f "$PIDFILE" ]] || return 1
-    pid="$(tr -dc '0-9' <"$PIDFILE")"
-    pid_has_arg "$pid" "$WORKER_PROPS" || return 1
-    printf '%s\n' "$pid"
-}
+worker_pid() { pidfile_pid "$PIDFILE" "$WORKER_PROPS"; }
 
 # curl the REST API: rest METHOD PATH [curl args...]; prints the body, and the
 # HTTP status on the last line.
@@ -234,105 +170,69 @@ answers() {
 
 # -------------------------------------------------------------- subcommands --
 
-wait_ready() {
-    local pid="$1" deadline=$((SECONDS + START_TIMEOUT))
-    while ! answers; do
-        if ! kill -0 "$pid" 2>/dev/null; then
-            log "the worker (pid $pid) exited during start-up; last lines of its logs:"
-            tail -n 30 "$LOGS/connect.out" >&2 2>/dev/null || true
-            tail -n 30 "$LOGS/connect.log" >&2 2>/dev/null || true
-            rm -f -- "$PIDFILE"
-            die "Kafka Connect did not start (logs in $LOGS)"
-        fi
-        if ((SECONDS >= deadline)); then
-            tail -n 20 "$LOGS/connect.log" >&2 2>/dev/null || true
-            die "Kafka Connect (pid $pid) not ready after ${START_TIMEOUT}s; is Kafka up at $BOOTSTRAP? logs in $LOGS ('$0 stop' ends it)"
-        fi
-        sleep 0.25
-    done
+worker_exited() {
+    log "the worker (pid $1) exited during start-up; last lines of its logs:"
+    tail -n 30 "$LOGS/connect.out" >&2 2>/dev/null || true
+    tail -n 30 "$LOGS/connect.log" >&2 2>/dev/null || true
+    rm -f -- "$PIDFILE"
+    die "Kafka Connect did not start (logs in $LOGS)"
+}
+
+worker_timed_out() {
+    tail -n 20 "$LOGS/connect.log" >&2 2>/dev/null || true
+    die "Kafka Connect (pid $1) not ready after ${START_TIMEOUT}s; is Kafka up at $BOOTSTRAP? logs in $LOGS ('$0 stop' ends it)"
+}
+
+# The first broker of BOOTSTRAP answers on its port.
+kafka_up() {
+    local bhost="${BOOTSTRAP%%,*}"
+    port_open "${bhost##*:}" "${bhost%:*}"
 }
 
 cmd_start() {
-    find_java
+    find_java "Kafka Connect $CONNECT_VERSION"
     need_cmd curl
     take_lock "$STATE"
     local pid t0
     t0="$(now_ms)"
     if pid="$(worker_pid)"; then
-        wait_ready "$pid"
-        log "already running (pid $pid, REST $REST, state $STATE)"
-        printf '%s\n' "$REST"
+        wait_ready "$pid" 0.25 worker answers
+        report_running "$pid" "$REST" REST
         return 0
     fi
     rm -f -- "$PIDFILE"
-    ! port_open "$PORT" || die "$HOST:$PORT is already in use by another process (set CDCFLOW_CONNECT_PORT)"
-    local bhost="${BOOTSTRAP%%,*}"
-    port_open "${bhost##*:}" "${bhost%:*}" ||
-        die "no Kafka broker at $bhost (deploy/local/kafka.sh start, or set CDCFLOW_KAFKA_BOOTSTRAP)"
+    require_free_port "$PORT" CDCFLOW_CONNECT_PORT
+    kafka_up || die "no Kafka broker at ${BOOTSTRAP%%,*} (deploy/local/kafka.sh start, or set CDCFLOW_KAFKA_BOOTSTRAP)"
     ensure_resolved
     write_config
-    printf '\n===== %s start (connect %s, debezium %s) =====\n' "$(date '+%F %T')" \
-        "$CONNECT_VERSION" "$DEBEZIUM_VERSION" >>"$LOGS/connect.out"
+    start_banner "$LOGS/connect.out" "connect $CONNECT_VERSION, debezium $DEBEZIUM_VERSION"
     log "starting Kafka Connect $CONNECT_VERSION (Debezium $DEBEZIUM_VERSION: $PLUGIN_NAMES) on $REST, group $GROUP, Kafka $BOOTSTRAP"
-    # The inner bash records its own pid and execs java: the pid file holds the JVM's pid.
-    # shellcheck disable=SC2016 # $$ and $@ belong to the inner bash.
-    launch_detached "$LOGS/connect.out" bash -c 'echo $$ >"$0"; exec "$@"' "$PIDFILE" \
+    local launcher
+    launcher="$(launch_with_pidfile "$LOGS/connect.out" "$PIDFILE" \
         "$JAVA" -Xms128m -Xmx"$HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
         -Dconnect.logs.dir="$LOGS" -Dlog4j2.configurationFile="$CONF/log4j2.xml" \
-        -cp "$LIB/*" "$CLASS_WORKER" "$WORKER_PROPS" >/dev/null
-    local _
-    for _ in $(seq 50); do
-        pid="$(worker_pid)" && break
-        sleep 0.1
-    done
-    pid="$(worker_pid)" || {
-        tail -n 30 "$LOGS/connect.out" >&2 || true
-        die "the worker process did not come up (logs in $LOGS)"
-    }
-    wait_ready "$pid"
-    log "ready in $(elapsed "$t0" "$(now_ms)") s: REST $REST (pid $pid, logs $LOGS)"
-    printf '%s\n' "$REST"
+        -cp "$LIB/*" "$CLASS_WORKER" "$WORKER_PROPS")"
+    pid="$(await_pid worker_pid "$launcher" "$LOGS/connect.out" worker)"
+    wait_ready "$pid" 0.25 worker answers
+    report_ready "$t0" "$pid" "$REST" REST
 }
 
 cmd_stop() {
-    take_lock "$STATE"
-    local pid
-    if ! pid="$(worker_pid)"; then
-        rm -f -- "$PIDFILE"
-        log "not running"
-        return 0
-    fi
-    log "stopping Kafka Connect (pid $pid)"
-    stop_pid "$pid" TERM "$STOP_TIMEOUT"
+    stop_service worker_pid TERM "Kafka Connect"
     rm -f -- "$PIDFILE"
-    log "stopped"
 }
 
 cmd_status() {
-    local pid
-    if ! pid="$(worker_pid)"; then
-        printf 'stopped (state %s)\n' "$STATE"
-        return 3
-    fi
-    if answers; then
-        printf 'running, healthy: pid %s, REST %s, group %s, Kafka %s\n' "$pid" "$REST" "$GROUP" "$BOOTSTRAP"
-        return 0
-    fi
-    printf 'running, NOT answering: pid %s, REST %s, logs %s\n' "$pid" "$REST" "$LOGS"
-    return 1
+    service_status worker_pid answers "REST $REST, group $GROUP, Kafka $BOOTSTRAP" "REST $REST, logs $LOGS"
 }
 
 # reset: stop, delete the state dir, and delete the worker's internal topics
 # (its connectors and their source offsets) when the broker answers.
 cmd_reset() {
     cmd_stop
-    if [[ -d "$STATE" ]]; then
-        rm -rf -- "$STATE"
-        log "deleted $STATE"
-    fi
-    rm -f -- "$STATE.lock"
-    local bhost="${BOOTSTRAP%%,*}" t
-    if port_open "${bhost##*:}" "${bhost%:*}"; then
+    delete_state
+    local t
+    if kafka_up; then
         for t in "$TOPIC_CONFIGS" "$TOPIC_OFFSETS" "$TOPIC_STATUS"; do
             "$LIB_DIR/kafka.sh" topics --bootstrap-server "$BOOTSTRAP" --delete --if-exists --topic "$t" >&2 &&
                 log "deleted topic $t"
@@ -342,8 +242,12 @@ cmd_reset() {
     fi
 }
 
+cmd_url() { printf '%s\n' "$REST"; }
+
+cmd_resolve() { ensure_resolved; }
+
 need_running() {
-    worker_pid >/dev/null || die "Kafka Connect is not running ('$0 start')"
+    require_running worker_pid "Kafka Connect"
     answers || die "Kafka Connect at $REST does not answer yet"
 }
 
@@ -489,27 +393,4 @@ usage: $(basename "$0") COMMAND [ARGS...]
 EOF
 }
 
-main() {
-    local cmd="${1:-}"
-    [[ $# -gt 0 ]] && shift
-    check_settings
-    case "$cmd" in
-        start) cmd_start ;;
-        stop) cmd_stop ;;
-        status) cmd_status ;;
-        reset) cmd_reset ;;
-        url) printf '%s\n' "$REST" ;;
-        register) cmd_register "$@" ;;
-        delete) cmd_delete "$@" ;;
-        connectors) cmd_connectors ;;
-        plugins) cmd_plugins ;;
-        resolve) ensure_resolved ;;
-        -h | --help | help) usage ;;
-        *)
-            usage >&2
-            exit 2
-            ;;
-    esac
-}
-
-main "$@"
+dispatch "start stop status reset url register delete connectors plugins resolve" "$@"

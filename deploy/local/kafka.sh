@@ -11,12 +11,13 @@
 # goes to stderr.  See deploy/local/README.md.
 set -euo pipefail
 
-SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
-REPO_ROOT="$(cd "$SCRIPT_DIR/../.." && pwd -P)"
-POM="$SCRIPT_DIR/pom.xml"
+LOG_NAME=kafka.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+POM="$LIB_DIR/pom.xml"
 
 KAFKA_VERSION="${CDCFLOW_KAFKA_VERSION:-4.4.0}"
-HOST=127.0.0.1
 PORT="${CDCFLOW_KAFKA_PORT:-19092}"
 CONTROLLER_PORT="${CDCFLOW_KAFKA_CONTROLLER_PORT:-19093}"
 CACHE="${CDCFLOW_KAFKA_CACHE:-$HOME/.cache/cdcflow/kafka-$KAFKA_VERSION}"
@@ -32,105 +33,41 @@ CLASS_TOPICS=org.apache.kafka.tools.TopicCommand
 CLASS_PRODUCER=org.apache.kafka.tools.ConsoleProducer
 CLASS_CONSUMER=org.apache.kafka.tools.consumer.ConsoleConsumer
 
-log() { printf 'kafka.sh: %s\n' "$*" >&2; }
-die() {
-    log "error: $*"
-    exit 1
-}
-
 # ---------------------------------------------------------------- settings --
 
 check_settings() {
-    local p
-    for p in "$PORT" "$CONTROLLER_PORT" "$START_TIMEOUT" "$STOP_TIMEOUT"; do
-        [[ "$p" =~ ^[0-9]+$ ]] || die "not a number: '$p' (check CDCFLOW_KAFKA_* variables)"
-    done
+    check_service_settings KAFKA
+    require_number CDCFLOW_KAFKA_CONTROLLER_PORT "$CONTROLLER_PORT"
     [[ "$PORT" != "$CONTROLLER_PORT" ]] || die "broker and controller ports must differ ($PORT)"
-    [[ "$HEAP" =~ ^[0-9]+[kKmMgG]?$ ]] || die "CDCFLOW_KAFKA_HEAP must look like 512m, got '$HEAP'"
-
-    CACHE="$(realpath -m -- "$CACHE")"
-    STATE="$(realpath -m -- "$STATE")"
+    require_heap CDCFLOW_KAFKA_HEAP "$HEAP"
+    CACHE="$(check_dir "$CACHE")"
     local d
     for d in "$CACHE" "$STATE"; do
-        case "$d/" in
-            "$REPO_ROOT/"*) die "$d is inside the repository $REPO_ROOT; point it elsewhere" ;;
-        esac
         # Kafka splits log.dirs on commas; backslashes are escapes in .properties.
         [[ "$d" != *[,\\]* ]] || die "path must not contain ',' or '\\': $d"
-        [[ "$d" != / && "$d" != "$HOME" ]] || die "refusing to use $d as a cache or state directory"
     done
 
     LIB="$CACHE/lib"
     MARKER="$CACHE/.resolved"
     DATA="$STATE/data"
-    LOGS="$STATE/logs"
     CONF="$STATE/config"
     PIDFILE="$STATE/kafka.pid"
     SERVER_PROPS="$CONF/server.properties"
     BOOTSTRAP="$HOST:$PORT"
 }
 
-# ------------------------------------------------------------ prerequisites --
-
-JAVA=""
-find_java() {
-    [[ -z "$JAVA" ]] || return 0
-    if [[ -n "${JAVA_HOME:-}" && -x "$JAVA_HOME/bin/java" ]]; then
-        JAVA="$JAVA_HOME/bin/java"
-    elif command -v java >/dev/null 2>&1; then
-        JAVA="$(command -v java)"
-    else
-        die "java not found. Kafka $KAFKA_VERSION needs a Java 17+ runtime:
-  Debian/Ubuntu: apt-get install -y openjdk-17-jre-headless   (or set JAVA_HOME)"
-    fi
-    local version major
-    version="$("$JAVA" -version 2>&1 | sed -n 's/.*version "\([^"]*\)".*/\1/p' | head -n 1)"
-    major="${version%%.*}"
-    [[ "$major" == 1 ]] && major="$(cut -d. -f2 <<<"$version")"
-    if [[ ! "$major" =~ ^[0-9]+$ ]] || ((major < 17)); then
-        die "$JAVA is Java '$version'; the Kafka $KAFKA_VERSION broker needs Java 17+ (set JAVA_HOME)"
-    fi
-}
-
-find_mvn() {
-    command -v mvn >/dev/null 2>&1 && return 0
-    die "mvn not found; it is needed once, to fetch the Kafka jars from Maven Central:
-  Debian/Ubuntu: apt-get install -y maven"
-}
-
 # ----------------------------------------------------------- jar resolution --
 
-pom_digest() { sha256sum "$POM" | cut -d' ' -f1; }
+need_java() { find_java "the Kafka $KAFKA_VERSION broker"; }
 
-is_resolved() {
-    [[ -f "$MARKER" && -d "$LIB" ]] || return 1
-    [[ "$(cat "$MARKER")" == "kafka=$KAFKA_VERSION pom=$(pom_digest)" ]]
-}
+resolved_marker() { printf 'kafka=%s pom=%s\n' "$KAFKA_VERSION" "$(digest "$POM")"; }
+
+jars_resolved() { is_resolved "$LIB" "$MARKER" "$(resolved_marker)"; }
 
 # Resolve the jars into $CACHE/lib once; later calls find the marker and return.
 ensure_resolved() {
-    is_resolved && return 0
-    find_mvn
-    mkdir -p "$CACHE"
-    exec 8>"$CACHE/.lock"
-    flock -w 600 8 || die "timed out waiting for another resolution in $CACHE"
-    if ! is_resolved; then
-        log "resolving Kafka $KAFKA_VERSION jars with Maven into $LIB (once) ..."
-        local tmp="$CACHE/lib.tmp.$$" t0=$SECONDS
-        rm -rf -- "$tmp"
-        if ! mvn -q -B -Dstyle.color=never -f "$POM" -Dkafka.version="$KAFKA_VERSION" \
-            dependency:copy-dependencies -DoutputDirectory="$tmp" >&2; then
-            rm -rf -- "$tmp"
-            die "maven could not resolve the Kafka $KAFKA_VERSION jars (see above)"
-        fi
-        [[ -n "$(find "$tmp" -maxdepth 1 -name "kafka_2.13-$KAFKA_VERSION.jar")" ]] ||
-            die "resolution finished but kafka_2.13-$KAFKA_VERSION.jar is missing in $tmp"
-        rm -rf -- "$LIB"
-        mv -- "$tmp" "$LIB"
-        printf 'kafka=%s pom=%s\n' "$KAFKA_VERSION" "$(pom_digest)" >"$MARKER"
-        log "resolved $(find "$LIB" -name '*.jar' | wc -l) jars in $((SECONDS - t0)) s"
-    fi
-    exec 8>&-
+    resolve_into "the Kafka $KAFKA_VERSION jars" "$LIB" "$MARKER" "$(resolved_marker)" "$CACHE/.lock" \
+        "kafka_2.13-$KAFKA_VERSION.jar" -f "$POM" -Dkafka.version="$KAFKA_VERSION"
 }
 
 # --------------------------------------------------------------- java runs --
@@ -159,7 +96,7 @@ TOOL_CMD=()
 tool_cmd() {
     local class="$1"
     shift
-    find_java
+    need_java
     ensure_resolved
     [[ -f "$CONF/tools-log4j2.xml" ]] || write_tools_log4j
     TOOL_CMD=("$JAVA" -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Djava.awt.headless=true
@@ -232,30 +169,12 @@ log.retention.check.interval.ms=300000
 EOF
     mv -- "$tmp" "$SERVER_PROPS"
 
-    cat >"$CONF/log4j2.xml" <<'EOF'
-<?xml version="1.0" encoding="UTF-8"?>
-<!-- Written by deploy/local/kafka.sh: broker logs under ${sys:kafka.logs.dir}. -->
-<Configuration status="warn" name="cdcflow-kafka">
-  <Properties>
-    <Property name="dir">${sys:kafka.logs.dir}</Property>
-    <Property name="pattern">[%d] %p %m (%c)%n</Property>
-  </Properties>
-  <Appenders>
-    <RollingFile name="server" fileName="${dir}/server.log" filePattern="${dir}/server.log.%i">
-      <PatternLayout pattern="${pattern}"/>
-      <Policies><SizeBasedTriggeringPolicy size="20 MB"/></Policies>
-      <DefaultRolloverStrategy max="5"/>
-    </RollingFile>
-    <RollingFile name="controller" fileName="${dir}/controller.log" filePattern="${dir}/controller.log.%i">
-      <PatternLayout pattern="${pattern}"/>
-      <Policies><SizeBasedTriggeringPolicy size="20 MB"/></Policies>
-      <DefaultRolloverStrategy max="3"/>
-    </RollingFile>
-    <RollingFile name="stateChange" fileName="${dir}/state-change.log" filePattern="${dir}/state-change.log.%i">
-      <PatternLayout pattern="${pattern}"/>
-      <Policies><SizeBasedTriggeringPolicy size="20 MB"/></Policies>
-      <DefaultRolloverStrategy max="3"/>
-    </RollingFile>
+    {
+        log4j2_head cdcflow-kafka broker kafka.logs.dir '[%d] %p %m (%c)%n'
+        log4j2_rolling server server.log 5
+        log4j2_rolling controller controller.log 3
+        log4j2_rolling stateChange state-change.log 3
+        cat <<'EOF'
   </Appenders>
   <Loggers>
     <Root level="INFO"><AppenderRef ref="server"/></Root>
@@ -266,6 +185,7 @@ EOF
   </Loggers>
 </Configuration>
 EOF
+    } >"$CONF/log4j2.xml"
     write_probe_config
 }
 
@@ -308,17 +228,7 @@ format_storage_once() {
 
 # Pid of the broker that runs on *this* state dir, or nothing.  A pid file's
 # pid counts only while that process is a JVM running our server.properties.
-broker_pid() {
-    local pid
-    [[ -f "$PIDFILE" ]] || return 1
-    pid="$(tr -dc '0-9' <"$PIDFILE")"
-    [[ -n "$pid" ]] || return 1
-    [[ -r "/proc/$pid/cmdline" ]] || return 1
-    tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | grep -Fxq -- "$SERVER_PROPS" || return 1
-    printf '%s\n' "$pid"
-}
-
-port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
+broker_pid() { pidfile_pid "$PIDFILE" "$SERVER_PROPS"; }
 
 # The broker answers a metadata request (TopicCommand --list) within the time.
 broker_answers() {
@@ -329,53 +239,45 @@ broker_answers() {
     timeout "$secs" "${TOOL_CMD[@]}" >/dev/null 2>&1
 }
 
-# -------------------------------------------------------------- subcommands --
-
-take_lock() {
-    mkdir -p "$(dirname "$STATE")"
-    exec 9>"$STATE.lock"
-    flock -w 300 9 || die "another kafka.sh start/stop holds $STATE.lock"
+# wait_ready's probe: the port is open and the broker answers within the
+# seconds left (20 at most).
+broker_ready() {
+    local left="$1"
+    ((left > 0)) && port_open "$PORT" && broker_answers "$((left < 20 ? left : 20))"
 }
 
-wait_ready() {
-    local pid="$1" deadline=$((SECONDS + START_TIMEOUT)) left
-    while :; do
-        if ! kill -0 "$pid" 2>/dev/null; then
-            log "the broker (pid $pid) exited during start-up; last lines of its logs:"
-            tail -n 30 "$LOGS/kafka.out" >&2 2>/dev/null || true
-            tail -n 30 "$LOGS/server.log" >&2 2>/dev/null || true
-            rm -f -- "$PIDFILE"
-            die "broker did not start (logs in $LOGS)"
-        fi
-        left=$((deadline - SECONDS))
-        ((left > 0)) || die "broker (pid $pid) not ready after ${START_TIMEOUT}s; logs in $LOGS (still running: '$0 stop' ends it)"
-        if port_open "$PORT" && broker_answers "$((left < 20 ? left : 20))"; then
-            return 0
-        fi
-        sleep 1
-    done
+# status: the jars are there and the broker answers.
+broker_healthy() { jars_resolved && broker_answers 30; }
+
+# -------------------------------------------------------------- subcommands --
+
+broker_exited() {
+    log "the broker (pid $1) exited during start-up; last lines of its logs:"
+    tail -n 30 "$LOGS/kafka.out" >&2 2>/dev/null || true
+    tail -n 30 "$LOGS/server.log" >&2 2>/dev/null || true
+    rm -f -- "$PIDFILE"
+    die "broker did not start (logs in $LOGS)"
+}
+
+broker_timed_out() {
+    die "broker (pid $1) not ready after ${START_TIMEOUT}s; logs in $LOGS (still running: '$0 stop' ends it)"
 }
 
 cmd_start() {
-    find_java
-    take_lock
+    need_java
+    take_lock "$STATE"
     check_same_ports
-    local pid t0=$SECONDS
+    local pid t0
+    t0="$(now_ms)"
     if pid="$(broker_pid)"; then
-        if broker_answers 30; then
-            log "already running (pid $pid, state $STATE)"
-            printf '%s\n' "$BOOTSTRAP"
-            return 0
-        fi
-        log "running (pid $pid) but not answering yet; waiting"
-        wait_ready "$pid"
-        printf '%s\n' "$BOOTSTRAP"
+        wait_ready "$pid" 1 broker broker_ready
+        report_running "$pid" "$BOOTSTRAP"
         return 0
     fi
     rm -f -- "$PIDFILE"
     local p
     for p in "$PORT" "$CONTROLLER_PORT"; do
-        ! port_open "$p" || die "$HOST:$p is already in use by another process (set CDCFLOW_KAFKA_PORT / CDCFLOW_KAFKA_CONTROLLER_PORT)"
+        require_free_port "$p" "CDCFLOW_KAFKA_PORT / CDCFLOW_KAFKA_CONTROLLER_PORT"
     done
 
     ensure_resolved
@@ -384,81 +286,42 @@ cmd_start() {
     format_storage_once
 
     log "starting Kafka $KAFKA_VERSION on $BOOTSTRAP (controller $HOST:$CONTROLLER_PORT, state $STATE)"
-    {
-        printf '\n===== %s start (kafka %s) =====\n' "$(date '+%F %T')" "$KAFKA_VERSION"
-    } >>"$LOGS/kafka.out"
-    local -a detach=()
-    command -v setsid >/dev/null 2>&1 && detach=(setsid)
-    # The inner bash records its own pid and execs java, so the pid file holds
-    # the JVM's pid.  setsid: a Ctrl-C in the caller's terminal leaves it alone.
-    # shellcheck disable=SC2016 # $$ and $@ belong to the inner bash.
-    "${detach[@]}" nohup bash -c 'echo $$ >"$0"; exec "$@"' "$PIDFILE" \
+    start_banner "$LOGS/kafka.out" "kafka $KAFKA_VERSION"
+    local launcher
+    launcher="$(launch_with_pidfile "$LOGS/kafka.out" "$PIDFILE" \
         "$JAVA" -Xmx"$HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
         -XX:+ExplicitGCInvokesConcurrent -Djava.awt.headless=true \
         -Dkafka.logs.dir="$LOGS" -Dlog4j2.configurationFile="$CONF/log4j2.xml" \
-        -cp "$LIB/*" "$CLASS_BROKER" "$SERVER_PROPS" \
-        </dev/null >>"$LOGS/kafka.out" 2>&1 8>&- 9>&- &
-    local launcher=$!
-    local _
-    for _ in $(seq 50); do
-        pid="$(broker_pid)" && break
-        kill -0 "$launcher" 2>/dev/null || break
-        sleep 0.1
-    done
-    pid="$(broker_pid)" || {
-        tail -n 30 "$LOGS/kafka.out" >&2 || true
-        die "the broker process did not come up (logs in $LOGS)"
-    }
-    wait_ready "$pid"
-    log "ready in $((SECONDS - t0)) s: bootstrap $BOOTSTRAP (pid $pid, logs $LOGS)"
-    printf '%s\n' "$BOOTSTRAP"
+        -cp "$LIB/*" "$CLASS_BROKER" "$SERVER_PROPS")"
+    pid="$(await_pid broker_pid "$launcher" "$LOGS/kafka.out" broker)"
+    wait_ready "$pid" 1 broker broker_ready
+    report_ready "$t0" "$pid" "$BOOTSTRAP" bootstrap
 }
 
 cmd_stop() {
-    take_lock
-    local pid
-    if ! pid="$(broker_pid)"; then
-        rm -f -- "$PIDFILE"
-        log "not running"
-        return 0
-    fi
-    log "stopping broker (pid $pid)"
-    kill -TERM "$pid" 2>/dev/null || true
-    local deadline=$((SECONDS + STOP_TIMEOUT))
-    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do
-        sleep 0.5
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        log "still running after ${STOP_TIMEOUT}s; sending SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
-        while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
-    fi
+    stop_service broker_pid TERM broker
     rm -f -- "$PIDFILE"
-    log "stopped"
 }
 
 cmd_status() {
-    local pid
     check_same_ports
-    if ! pid="$(broker_pid)"; then
-        printf 'stopped (state %s)\n' "$STATE"
-        return 3
-    fi
-    if is_resolved && broker_answers 30; then
-        printf 'running, healthy: pid %s, bootstrap %s, state %s\n' "$pid" "$BOOTSTRAP" "$STATE"
-        return 0
-    fi
-    printf 'running, NOT answering: pid %s, bootstrap %s, logs %s\n' "$pid" "$BOOTSTRAP" "$LOGS"
-    return 1
+    service_status broker_pid broker_healthy "bootstrap $BOOTSTRAP, state $STATE" "bootstrap $BOOTSTRAP, logs $LOGS"
 }
 
 cmd_reset() {
     cmd_stop
-    if [[ -d "$STATE" ]]; then
-        rm -rf -- "$STATE"
-        log "deleted $STATE"
-    fi
-    rm -f -- "$STATE.lock"
+    delete_state
+}
+
+cmd_bootstrap() { printf '%s\n' "$BOOTSTRAP"; }
+cmd_resolve() { ensure_resolved; }
+cmd_topics() { run_client_tool "$CLASS_TOPICS" "$@"; }
+cmd_console_producer() { run_client_tool "$CLASS_PRODUCER" "$@"; }
+cmd_console_consumer() { run_client_tool "$CLASS_CONSUMER" "$@"; }
+
+cmd_tool() {
+    [[ $# -ge 1 ]] || die "usage: $0 tool CLASS [ARGS...]"
+    run_tool "$@"
 }
 
 usage() {
@@ -481,30 +344,4 @@ topics / console-* add --bootstrap-server $BOOTSTRAP unless given one.
 EOF
 }
 
-main() {
-    local cmd="${1:-}"
-    [[ $# -gt 0 ]] && shift
-    check_settings
-    case "$cmd" in
-        start) cmd_start ;;
-        stop) cmd_stop ;;
-        status) cmd_status ;;
-        reset) cmd_reset ;;
-        bootstrap) printf '%s\n' "$BOOTSTRAP" ;;
-        resolve) ensure_resolved ;;
-        topics) run_client_tool "$CLASS_TOPICS" "$@" ;;
-        console-producer) run_client_tool "$CLASS_PRODUCER" "$@" ;;
-        console-consumer) run_client_tool "$CLASS_CONSUMER" "$@" ;;
-        tool)
-            [[ $# -ge 1 ]] || die "usage: $0 tool CLASS [ARGS...]"
-            run_tool "$@"
-            ;;
-        -h | --help | help) usage ;;
-        *)
-            usage >&2
-            exit 2
-            ;;
-    esac
-}
-
-main "$@"
+dispatch "start stop status reset bootstrap resolve topics console-producer console-consumer tool" "$@"

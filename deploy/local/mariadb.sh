@@ -14,22 +14,17 @@ LOG_NAME=mariadb.sh
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-HOST=127.0.0.1
 PORT="${CDCFLOW_MARIADB_PORT:-13306}"
 STATE="${CDCFLOW_MARIADB_DIR:-$CDCFLOW_CACHE/mariadb}"
 START_TIMEOUT="${CDCFLOW_MARIADB_START_TIMEOUT:-60}"
 STOP_TIMEOUT="${CDCFLOW_MARIADB_STOP_TIMEOUT:-30}"
-DB=shop
-APP_USER=cdcflow
-APP_PASSWORD=cdcflow
+SERVER=MariaDB
 
 check_settings() {
-    require_number CDCFLOW_MARIADB_PORT "$PORT"
-    require_number CDCFLOW_MARIADB_START_TIMEOUT "$START_TIMEOUT"
-    require_number CDCFLOW_MARIADB_STOP_TIMEOUT "$STOP_TIMEOUT"
-    STATE="$(check_dir "$STATE")"
+    check_service_settings MARIADB
     DATA="$STATE/data"
-    LOGS="$STATE/logs"
+    SERVER_OUT="$LOGS/mariadb.out"
+    SERVER_LOG="$LOGS/mariadb.err"
     BINLOG="$STATE/binlog"
     CNF="$STATE/my.cnf"
     SOCKET="$STATE/run/mariadb.sock"
@@ -103,6 +98,13 @@ performance_schema = OFF
 EOF
 }
 
+# mariadb-install-db the first time; the config on every start.
+prepare_server() {
+    install_db_once
+    write_config
+    rm -f -- "$SOCKET" "$PIDFILE"
+}
+
 install_db_once() {
     [[ -d "$DATA/mysql" ]] && return 0
     local t0
@@ -120,13 +122,7 @@ install_db_once() {
 
 # ---------------------------------------------------------- process checks --
 
-server_pid() {
-    local pid
-    [[ -f "$PIDFILE" ]] || return 1
-    pid="$(tr -dc '0-9' <"$PIDFILE")"
-    pid_has_arg "$pid" "--defaults-file=$CNF" || return 1
-    printf '%s\n' "$pid"
-}
+server_pid() { pidfile_pid "$PIDFILE" "--defaults-file=$CNF"; }
 
 answers() {
     "$ADMIN" --defaults-file="$CNF" --user=root --connect-timeout=2 ping >/dev/null 2>&1
@@ -136,7 +132,8 @@ root_sql() {
     "$CLIENT" --defaults-file="$CNF" --user=root --batch --skip-column-names
 }
 
-bootstrap_users() {
+# The database and the user with Debezium's grants (after every start).
+provision() {
     root_sql <<EOF
 CREATE DATABASE IF NOT EXISTS $DB CHARACTER SET utf8mb4;
 CREATE USER IF NOT EXISTS '$APP_USER'@'%' IDENTIFIED BY '$APP_PASSWORD';
@@ -157,91 +154,31 @@ EOF
 cmd_start() {
     find_bins
     as_service_user mysql
-    take_lock "$STATE"
-    mkdir -p "$LOGS"
-    local pid t0
-    t0="$(now_ms)"
-    if pid="$(server_pid)"; then
-        local i
-        for i in $(seq "$START_TIMEOUT"); do
-            answers && break
-            ((i < START_TIMEOUT)) || die "running (pid $pid) but not answering; logs in $LOGS"
-            sleep 1
-        done
-        bootstrap_users
-        log "already running (pid $pid, state $STATE)"
-        printf '%s\n' "$URL"
-        return 0
-    fi
-    ! port_open "$PORT" || die "$HOST:$PORT is already in use by another process (set CDCFLOW_MARIADB_PORT)"
-    install_db_once
-    write_config
-    rm -f -- "$SOCKET" "$PIDFILE"
-    printf '\n===== %s start =====\n' "$(date '+%F %T')" >>"$LOGS/mariadb.out"
-    log "starting MariaDB on $HOST:$PORT (socket $SOCKET, state $STATE)"
-    local launcher
     # --defaults-file must be the first option.  setsid, nohup and unshare exec
     # in turn: the launcher pid becomes mariadbd's.
-    launcher="$(launch_detached "$LOGS/mariadb.out" "${AS_USER[@]}" "$MARIADBD" --defaults-file="$CNF")"
-    local deadline=$((SECONDS + START_TIMEOUT))
-    while ! answers; do
-        if ! kill -0 "$launcher" 2>/dev/null; then
-            tail -n 30 "$LOGS/mariadb.err" >&2 2>/dev/null || tail -n 30 "$LOGS/mariadb.out" >&2 || true
-            die "MariaDB exited during start-up (logs: $LOGS)"
-        fi
-        if ((SECONDS >= deadline)); then
-            tail -n 30 "$LOGS/mariadb.err" >&2 || true
-            die "MariaDB did not answer within ${START_TIMEOUT}s (logs: $LOGS; '$0 stop' ends it)"
-        fi
-        sleep 0.1
-    done
-    bootstrap_users
-    pid="$(server_pid)" || die "MariaDB answers but its pid file $PIDFILE is missing"
-    log "ready in $(elapsed "$t0" "$(now_ms)") s: $URL (pid $pid, logs $LOGS)"
-    printf '%s\n' "$URL"
+    start_server CDCFLOW_MARIADB_PORT "socket $SOCKET, state $STATE" \
+        "${AS_USER[@]}" "$MARIADBD" --defaults-file="$CNF"
 }
 
-cmd_stop() {
-    take_lock "$STATE"
-    local pid
-    if ! pid="$(server_pid 2>/dev/null)"; then
-        log "not running"
-        return 0
-    fi
-    log "stopping MariaDB (pid $pid)"
-    stop_pid "$pid" TERM "$STOP_TIMEOUT"
-    log "stopped"
-}
+cmd_stop() { stop_service server_pid TERM "$SERVER"; }
 
 cmd_status() {
     find_bins
-    local pid
-    if ! pid="$(server_pid)"; then
-        printf 'stopped (state %s)\n' "$STATE"
-        return 3
-    fi
-    if answers; then
-        printf 'running, healthy: pid %s, %s, socket %s, state %s\n' "$pid" "$URL" "$SOCKET" "$STATE"
-        return 0
-    fi
-    printf 'running, NOT answering: pid %s, port %s, logs %s\n' "$pid" "$PORT" "$LOGS"
-    return 1
+    service_status server_pid answers "$URL, socket $SOCKET, state $STATE" "port $PORT, logs $LOGS"
 }
 
 cmd_reset() {
     cmd_stop
-    if [[ -d "$STATE" ]]; then
-        rm -rf -- "$STATE"
-        log "deleted $STATE"
-    fi
-    rm -f -- "$STATE.lock"
+    delete_state
 }
+
+cmd_url() { printf '%s\n' "$URL"; }
 
 # mysql ARGS...: the client as root over the socket, database shop; later
 # options in ARGS win (e.g. --user=cdcflow --password=cdcflow).
 cmd_mysql() {
     find_bins
-    server_pid >/dev/null || die "MariaDB is not running ('$0 start')"
+    require_running server_pid "$SERVER"
     exec "$CLIENT" --defaults-file="$CNF" --user=root --database="$DB" "$@"
 }
 
@@ -259,23 +196,4 @@ usage: $(basename "$0") COMMAND [ARGS...]
 EOF
 }
 
-main() {
-    local cmd="${1:-}"
-    [[ $# -gt 0 ]] && shift
-    check_settings
-    case "$cmd" in
-        start) cmd_start ;;
-        stop) cmd_stop ;;
-        status) cmd_status ;;
-        reset) cmd_reset ;;
-        url) printf '%s\n' "$URL" ;;
-        mysql) cmd_mysql "$@" ;;
-        -h | --help | help) usage ;;
-        *)
-            usage >&2
-            exit 2
-            ;;
-    esac
-}
-
-main "$@"
+dispatch "start stop status reset url mysql" "$@"

@@ -14,24 +14,19 @@ LOG_NAME=postgres.sh
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-HOST=127.0.0.1
 PORT="${CDCFLOW_PG_PORT:-15432}"
 STATE="${CDCFLOW_PG_DIR:-$CDCFLOW_CACHE/postgres}"
 START_TIMEOUT="${CDCFLOW_PG_START_TIMEOUT:-60}"
 STOP_TIMEOUT="${CDCFLOW_PG_STOP_TIMEOUT:-30}"
-DB=shop
-APP_USER=cdcflow
-APP_PASSWORD=cdcflow
+SERVER=PostgreSQL
 SUPERUSER=postgres
 
 check_settings() {
-    require_number CDCFLOW_PG_PORT "$PORT"
-    require_number CDCFLOW_PG_START_TIMEOUT "$START_TIMEOUT"
-    require_number CDCFLOW_PG_STOP_TIMEOUT "$STOP_TIMEOUT"
-    STATE="$(check_dir "$STATE")"
+    check_service_settings PG
     DATA="$STATE/data"
-    LOGS="$STATE/logs"
     SOCKDIR="$STATE/run"
+    SERVER_OUT="$LOGS/postgres.log"
+    SERVER_LOG="$SERVER_OUT"
     # A unix socket path is limited to 107 bytes.
     ((${#SOCKDIR} < 80)) || die "state dir path too long for a unix socket: $SOCKDIR (set CDCFLOW_PG_DIR)"
     URL="postgresql://$APP_USER:$APP_PASSWORD@$HOST:$PORT/$DB"
@@ -64,6 +59,12 @@ find_bin() {
 }
 
 # ------------------------------------------------------------ server files --
+
+# initdb the first time; the config on every start.
+prepare_server() {
+    initdb_once
+    write_config
+}
 
 initdb_once() {
     [[ -f "$DATA/PG_VERSION" ]] && return 0
@@ -116,13 +117,7 @@ EOF
 
 # ---------------------------------------------------------- process checks --
 
-server_pid() {
-    local pid
-    [[ -f "$DATA/postmaster.pid" ]] || return 1
-    pid="$(head -n 1 "$DATA/postmaster.pid" | tr -dc '0-9')"
-    pid_has_arg "$pid" "$DATA" || return 1
-    printf '%s\n' "$pid"
-}
+server_pid() { pidfile_pid "$DATA/postmaster.pid" "$DATA"; }
 
 answers() {
     "$BIN/pg_isready" -q -h "$SOCKDIR" -p "$PORT" -U "$SUPERUSER" -d postgres -t 2 2>/dev/null
@@ -133,7 +128,8 @@ su_psql() {
     "$BIN/psql" -X -v ON_ERROR_STOP=1 -q -h "$SOCKDIR" -p "$PORT" -U "$SUPERUSER" "$@"
 }
 
-bootstrap_roles() {
+# The role and the database (after every start).
+provision() {
     local exists
     exists="$(su_psql -d postgres -Atc "SELECT 1 FROM pg_roles WHERE rolname = '$APP_USER'")"
     if [[ "$exists" != 1 ]]; then
@@ -152,90 +148,32 @@ bootstrap_roles() {
 cmd_start() {
     find_bin
     as_service_user postgres
-    take_lock "$STATE"
-    mkdir -p "$LOGS"
-    local pid t0
-    t0="$(now_ms)"
-    if pid="$(server_pid)"; then
-        local i
-        for i in $(seq "$START_TIMEOUT"); do
-            answers && break
-            ((i < START_TIMEOUT)) || die "running (pid $pid) but not answering; logs in $LOGS"
-            sleep 1
-        done
-        bootstrap_roles
-        log "already running (pid $pid, state $STATE)"
-        printf '%s\n' "$URL"
-        return 0
-    fi
-    ! port_open "$PORT" || die "$HOST:$PORT is already in use by another process (set CDCFLOW_PG_PORT)"
-    initdb_once
-    write_config
-    printf '\n===== %s start =====\n' "$(date '+%F %T')" >>"$LOGS/postgres.log"
-    log "starting PostgreSQL on $HOST:$PORT (state $STATE)"
-    local launcher
     # setsid, nohup and unshare exec in turn: the launcher pid becomes the postmaster's.
-    launcher="$(launch_detached "$LOGS/postgres.log" "${AS_USER[@]}" "$BIN/postgres" -D "$DATA")"
-    local deadline=$((SECONDS + START_TIMEOUT))
-    while ! answers; do
-        if ! kill -0 "$launcher" 2>/dev/null; then
-            tail -n 30 "$LOGS/postgres.log" >&2 || true
-            die "PostgreSQL exited during start-up (log: $LOGS/postgres.log)"
-        fi
-        if ((SECONDS >= deadline)); then
-            tail -n 30 "$LOGS/postgres.log" >&2 || true
-            die "PostgreSQL did not answer within ${START_TIMEOUT}s (log: $LOGS/postgres.log; '$0 stop' ends it)"
-        fi
-        sleep 0.1
-    done
-    bootstrap_roles
-    pid="$(server_pid)" || die "PostgreSQL answers but its pid file is missing"
-    log "ready in $(elapsed "$t0" "$(now_ms)") s: $URL (pid $pid, logs $LOGS)"
-    printf '%s\n' "$URL"
+    start_server CDCFLOW_PG_PORT "state $STATE" "${AS_USER[@]}" "$BIN/postgres" -D "$DATA"
 }
 
 cmd_stop() {
-    take_lock "$STATE"
-    local pid
-    if ! pid="$(server_pid 2>/dev/null)"; then
-        log "not running"
-        return 0
-    fi
-    log "stopping PostgreSQL (pid $pid, fast shutdown)"
     # SIGINT = fast shutdown: roll back open transactions, close WAL senders.
-    stop_pid "$pid" INT "$STOP_TIMEOUT"
-    log "stopped"
+    stop_service server_pid INT "$SERVER" "fast shutdown"
 }
 
 cmd_status() {
     find_bin
-    local pid
-    if ! pid="$(server_pid)"; then
-        printf 'stopped (state %s)\n' "$STATE"
-        return 3
-    fi
-    if answers; then
-        printf 'running, healthy: pid %s, %s, state %s\n' "$pid" "$URL" "$STATE"
-        return 0
-    fi
-    printf 'running, NOT answering: pid %s, port %s, logs %s\n' "$pid" "$PORT" "$LOGS"
-    return 1
+    service_status server_pid answers "$URL, state $STATE" "port $PORT, logs $LOGS"
 }
 
 cmd_reset() {
     cmd_stop
-    if [[ -d "$STATE" ]]; then
-        rm -rf -- "$STATE"
-        log "deleted $STATE"
-    fi
-    rm -f -- "$STATE.lock"
+    delete_state
 }
+
+cmd_url() { printf '%s\n' "$URL"; }
 
 # psql ARGS...: as the superuser over the socket, database shop, unless ARGS
 # say otherwise (psql's later options win).
 cmd_psql() {
     find_bin
-    server_pid >/dev/null || die "PostgreSQL is not running ('$0 start')"
+    require_running server_pid "$SERVER"
     exec "$BIN/psql" -X -h "$SOCKDIR" -p "$PORT" -U "$SUPERUSER" -d "$DB" "$@"
 }
 
@@ -254,23 +192,4 @@ usage: $(basename "$0") COMMAND [ARGS...]
 EOF
 }
 
-main() {
-    local cmd="${1:-}"
-    [[ $# -gt 0 ]] && shift
-    check_settings
-    case "$cmd" in
-        start) cmd_start ;;
-        stop) cmd_stop ;;
-        status) cmd_status ;;
-        reset) cmd_reset ;;
-        url) printf '%s\n' "$URL" ;;
-        psql) cmd_psql "$@" ;;
-        -h | --help | help) usage ;;
-        *)
-            usage >&2
-            exit 2
-            ;;
-    esac
-}
-
-main "$@"
+dispatch "start stop status reset url psql" "$@"

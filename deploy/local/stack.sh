@@ -147,14 +147,4 @@ usage: $(basename "$0") up | down | status | reset
 EOF
 }
 
-case "${1:-}" in
-    up) cmd_up ;;
-    down) cmd_down ;;
-    status) cmd_status ;;
-    reset) cmd_reset ;;
-    -h | --help | help) usage ;;
-    *)
-        usage >&2
-        exit 2
-        ;;
-esac
+dispatch "up down status reset" "$@"
