@@ -1,14 +1,31 @@
-//! cdcflow against the raw pipe on the same broker in the same run (issue 3 targets).
-//! 1,000,000 Debezium records over 100,000 entities in 12 partitions are preloaded, then three
-//! runs are timed from their start to their last output, with peak RSS (`VmHWM`):
-//! a raw consume-and-produce pipe with rdkafka and no logic (the ceiling; done when the output
-//! holds every record), `cdcflow run` at-least-once and `cdcflow run` exactly-once (done when
-//! the group's committed offsets reach the end of the input).
+//! The side-by-side Kafka benchmark (issue 10): five contenders on one preloaded topic of
+//! 1,000,000 Debezium Postgres changes over 100,000 `orders` entities in 12 partitions.
 //!
-//! Run: `cargo bench --bench kafka`. Uses `CDCFLOW_KAFKA_BOOTSTRAP`, or starts the local broker
-//! with `deploy/local/kafka.sh start`. `CDCFLOW_BENCH_RECORDS` / `CDCFLOW_BENCH_ENTITIES` change
-//! the size. Every topic the run created is deleted at its end (1M records fill ~5 GB of
-//! broker log), unless `CDCFLOW_BENCH_KEEP_TOPICS=1`.
+//! - **raw pipe**: consume and produce every record unchanged with rdkafka, no logic (the
+//!   ceiling); done when it has produced every record.
+//! - **cdcflow at-least-once** and **cdcflow exactly-once**: `cdcflow run` with
+//!   `examples/shop.toml`; done when the group's committed offsets reach the end of the input.
+//! - **Kafka Streams at_least_once** and **exactly_once_v2**: `benches/kstreams`, the same gate
+//!   and six rules over a RocksDB store; done when it has processed every record and closed.
+//!
+//! Fairness: the broker and this harness (preload, load generator, probes) are pinned to one
+//! CPU and each contender runs alone on the other (`taskset`). Each contender runs under GNU
+//! time, so its CPU seconds (user + sys) and peak RSS come from the kernel's accounting of the
+//! whole process. Throughput counts from the contender's first visible output to done, so
+//! group joins and JVM start-up do not count; CPU seconds count everything.
+//!
+//! Latency: each contender then runs on a fresh topic fed at half its measured throughput for
+//! `CDCFLOW_BENCH_LATENCY_SECONDS` (20); the generator stamps `source.ts_ms` with the send
+//! time, and a read_committed consumer takes each output's age when it sees it (p50, p99, max).
+//!
+//! Run: `cargo bench --bench kafka`. Uses the broker `deploy/local/kafka.sh start` starts
+//! (its pid from `kafka.sh pid`), or `CDCFLOW_KAFKA_BOOTSTRAP` with `CDCFLOW_BENCH_BROKER_PID`.
+//! `CDCFLOW_BENCH_RECORDS` / `CDCFLOW_BENCH_ENTITIES` change the size,
+//! `CDCFLOW_BENCH_CONTENDERS=raw,cdcflow-eos,...` picks contenders, `CDCFLOW_BENCH_PIN=0` runs
+//! unpinned (figures then not comparable). Results: stdout and `target/bench/kafka.json`
+//! (`CDCFLOW_BENCH_RESULTS` moves it); `benches/render.sh` renders them into
+//! `docs/performance.md`. Every topic the run created is deleted at its end (1M records fill
+//! ~5 GB of broker log), unless `CDCFLOW_BENCH_KEEP_TOPICS=1`.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -17,23 +34,33 @@ mod support;
 mod checkout;
 use checkout::root;
 
-use std::process::{Command, Stdio};
+#[path = "kafka/contender.rs"]
+mod contender;
+#[path = "kafka/latency.rs"]
+mod latency;
+
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use contender::{Pinning, Running, Usage};
+use latency::{Latency, Watermarks};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use support::{env_number, order_changes, peak_rss_kib};
+use serde_json::json;
+use support::{env_number, order_change_texts};
 
 const PARTITIONS: i32 = 12;
 
-fn producer(bootstrap: &str) -> ThreadedProducer<DefaultProducerContext> {
+/// A producer batching for throughput; `linger_ms` 5 is librdkafka's default and cdcflow's.
+fn producer(bootstrap: &str, linger_ms: u32) -> ThreadedProducer<DefaultProducerContext> {
     ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
-        .set("linger.ms", "20")
+        .set("linger.ms", linger_ms.to_string())
         .set("batch.size", "1000000")
         .set("queue.buffering.max.kbytes", "262144")
         .create()
@@ -58,7 +85,8 @@ fn send(
     }
 }
 
-/// The raw pipe: consume every input record and produce it unchanged, no logic.
+/// The raw pipe: consume every input record and produce it unchanged, no logic; after
+/// `records` records, or until killed when `records` is 0.
 fn raw_pipe(bootstrap: &str, input: &str, output: &str, group: &str, records: u64) {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -69,9 +97,10 @@ fn raw_pipe(bootstrap: &str, input: &str, output: &str, group: &str, records: u6
         .create()
         .expect("consumer");
     consumer.subscribe(&[input]).expect("subscribe");
-    let producer = producer(bootstrap);
+    let producer = producer(bootstrap, 5);
+    let limit = if records == 0 { u64::MAX } else { records };
     let mut seen = 0;
-    while seen < records {
+    while seen < limit {
         if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
             send(
                 &producer,
@@ -83,16 +112,6 @@ fn raw_pipe(bootstrap: &str, input: &str, output: &str, group: &str, records: u6
         }
     }
     producer.flush(Duration::from_secs(60)).expect("flush");
-}
-
-fn end_offsets(consumer: &BaseConsumer, topic: &str) -> i64 {
-    (0..PARTITIONS)
-        .map(|partition| {
-            consumer
-                .fetch_watermarks(topic, partition, Duration::from_secs(5))
-                .map_or(0, |(_, high)| high)
-        })
-        .sum()
 }
 
 fn committed(bootstrap: &str, group: &str, topic: &str) -> i64 {
@@ -119,34 +138,342 @@ fn committed(bootstrap: &str, group: &str, topic: &str) -> i64 {
         .unwrap_or(0)
 }
 
-/// Runs a child until `done()` holds; returns (seconds, peak RSS MiB).
-fn measure(mut command: Command, done: impl Fn() -> bool) -> (f64, f64) {
-    let started = Instant::now();
-    let mut child = command.stdout(Stdio::null()).spawn().expect("child starts");
-    let mut peak = 0;
-    let mut last_check = Instant::now();
-    loop {
-        if let Some(rss) = peak_rss_kib(child.id()) {
-            peak = peak.max(rss);
+/// How a contender is started and when it is done.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    RawPipe,
+    Cdcflow { delivery: &'static str },
+    KafkaStreams { guarantee: &'static str },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Contender {
+    id: &'static str,
+    name: &'static str,
+    kind: Kind,
+}
+
+const CONTENDERS: [Contender; 5] = [
+    Contender {
+        id: "raw",
+        name: "raw pipe",
+        kind: Kind::RawPipe,
+    },
+    Contender {
+        id: "cdcflow-alo",
+        name: "cdcflow at-least-once",
+        kind: Kind::Cdcflow {
+            delivery: "at_least_once",
+        },
+    },
+    Contender {
+        id: "cdcflow-eos",
+        name: "cdcflow exactly-once",
+        kind: Kind::Cdcflow {
+            delivery: "exactly_once",
+        },
+    },
+    Contender {
+        id: "kstreams-alo",
+        name: "Kafka Streams at_least_once",
+        kind: Kind::KafkaStreams {
+            guarantee: "at_least_once",
+        },
+    },
+    Contender {
+        id: "kstreams-eos",
+        name: "Kafka Streams exactly_once_v2",
+        kind: Kind::KafkaStreams {
+            guarantee: "exactly_once_v2",
+        },
+    },
+];
+
+/// One contender's throughput run.
+#[derive(Debug, Clone, Copy)]
+struct Throughput {
+    elapsed_s: f64,
+    processing_s: f64,
+    usage: Usage,
+}
+
+struct Bench {
+    bootstrap: String,
+    prefix: String,
+    records: u64,
+    entities: u64,
+    cpu: usize,
+    admin: AdminClient<DefaultClientContext>,
+    runtime: tokio::runtime::Runtime,
+    /// Configs, state and logs of the contenders; kept when the run fails.
+    work: PathBuf,
+}
+
+/// A contender started on an input, with the topics it writes its events to.
+struct Launched {
+    running: Running,
+    outputs: Vec<String>,
+    group: String,
+}
+
+impl Bench {
+    fn create_topics(&self, names: &[String]) {
+        let topics: Vec<NewTopic<'_>> = names
+            .iter()
+            .map(|name| NewTopic::new(name, PARTITIONS, TopicReplication::Fixed(1)))
+            .collect();
+        for result in self
+            .runtime
+            .block_on(
+                self.admin
+                    .create_topics(topics.iter(), &AdminOptions::new()),
+            )
+            .expect("create topics")
+        {
+            result.expect("topic created");
         }
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "child failed: {status}");
-            break;
+    }
+
+    fn preload(&self, input: &str) {
+        let started = Instant::now();
+        let producer = producer(&self.bootstrap, 20);
+        let source_ts_ms = |offset| 1_732_528_800_000 + offset;
+        for (id, value) in order_change_texts(self.records, self.entities, source_ts_ms) {
+            send(
+                &producer,
+                input,
+                format!("{{\"id\":{id}}}").as_bytes(),
+                value.as_bytes(),
+            );
         }
-        if last_check.elapsed() > Duration::from_millis(250) {
-            last_check = Instant::now();
-            if done() {
-                break;
+        producer
+            .flush(Duration::from_secs(120))
+            .expect("preload flushed");
+        eprintln!(
+            "preloaded {} records over {} entities in {:.1}s",
+            self.records,
+            self.entities,
+            started.elapsed().as_secs_f64()
+        );
+    }
+
+    /// Starts `contender` on `input`; `expect` records (none: until stopped).
+    fn launch(
+        &self,
+        contender: &Contender,
+        tag: &str,
+        input: &str,
+        expect: Option<u64>,
+    ) -> Launched {
+        let group = format!("{}{tag}", self.prefix);
+        let log = self.work.join(format!("{tag}.log"));
+        let (program, args, env, outputs): (PathBuf, Vec<String>, Vec<(&str, String)>, _) =
+            match contender.kind {
+                Kind::RawPipe => {
+                    let output = format!("{group}.raw-output");
+                    let args = vec![
+                        "--raw-pipe".to_owned(),
+                        self.bootstrap.clone(),
+                        input.to_owned(),
+                        output.clone(),
+                        group.clone(),
+                        expect.unwrap_or(0).to_string(),
+                    ];
+                    let program = std::env::current_exe().expect("bench executable");
+                    (program, args, Vec::new(), vec![output])
+                }
+                Kind::Cdcflow { delivery } => {
+                    // The example's second pipeline reads customers: an empty topic here.
+                    self.create_topics(&[format!("{group}.shop.public.customers")]);
+                    let config = self.cdcflow_config(&group, delivery, input);
+                    let args = vec!["run".to_owned(), "--config".to_owned(), config];
+                    let program = PathBuf::from(env!("CARGO_BIN_EXE_cdcflow"));
+                    let outputs = vec![format!("{group}.shop.order-events")];
+                    (
+                        program,
+                        args,
+                        vec![("CDCFLOW_LOG", "warn".to_owned())],
+                        outputs,
+                    )
+                }
+                Kind::KafkaStreams { guarantee } => {
+                    let output = format!("{group}.events");
+                    let state = self.work.join(format!("{tag}-state"));
+                    let mut args: Vec<String> = [
+                        "--bootstrap",
+                        &self.bootstrap,
+                        "--input",
+                        input,
+                        "--output",
+                        &output,
+                        "--application-id",
+                        &group,
+                        "--guarantee",
+                        guarantee,
+                        "--state-dir",
+                    ]
+                    .iter()
+                    .map(|arg| arg.to_string())
+                    .collect();
+                    args.push(state.display().to_string());
+                    if let Some(expect) = expect {
+                        args.extend(["--expect".to_owned(), expect.to_string()]);
+                    }
+                    (kstreams_script(), args, Vec::new(), vec![output])
+                }
+            };
+        // Created here, as the contenders would, so the probes can read them from the start.
+        self.create_topics(&outputs);
+        let running = Running::spawn(contender.name, self.cpu, &program, &args, &env, &log);
+        Launched {
+            running,
+            outputs,
+            group,
+        }
+    }
+
+    /// `examples/shop.toml` with this run's topics, group and state file.
+    fn cdcflow_config(&self, group: &str, delivery: &str, input: &str) -> String {
+        let example = std::fs::read_to_string(root().join("examples/shop.toml")).unwrap();
+        let mut config = format!(
+            "[kafka]\nbootstrap_servers = \"{}\"\ngroup_id = \"{group}\"\ninstance_id = \"bench\"\n\
+             delivery = \"{delivery}\"\ntopic_partitions = {PARTITIONS}\n\n[http]\nlisten = \"127.0.0.1:0\"\n\n",
+            self.bootstrap
+        );
+        for line in example.lines() {
+            if line.starts_with("path = ") {
+                let state = self.work.join(format!("{group}.db"));
+                config.push_str(&format!("path = \"{}\"\n", state.display()));
+            } else {
+                config.push_str(&line.replace("\"shop.", &format!("\"{group}.shop.")));
+                config.push('\n');
             }
         }
-        std::thread::sleep(Duration::from_millis(20));
+        let config = config.replace(
+            &format!("\"{group}.shop.public.orders\""),
+            &format!("\"{input}\""),
+        );
+        let path = self.work.join(format!("{group}.toml"));
+        std::fs::write(&path, config).unwrap();
+        path.display().to_string()
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
-    (elapsed, peak as f64 / 1024.0)
+
+    /// Runs `contender` over the preloaded `input` until done.
+    fn throughput(&self, contender: &Contender, input: &str) -> Throughput {
+        let tag = contender.id;
+        let mut launched = self.launch(contender, tag, input, Some(self.records));
+        let watermarks = Watermarks::new(&self.bootstrap, PARTITIONS);
+        let started = launched.running.started;
+        let deadline = started + Duration::from_secs(1800);
+        let mut first_output = None;
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            if first_output.is_none() && watermarks.sum(&launched.outputs) > 0 {
+                first_output = Some(Instant::now());
+            }
+            let done = match contender.kind {
+                Kind::Cdcflow { .. } => {
+                    committed(&self.bootstrap, &launched.group, input) >= self.records as i64
+                }
+                Kind::RawPipe | Kind::KafkaStreams { .. } => false,
+            };
+            match launched.running.exited() {
+                Some(true) if !matches!(contender.kind, Kind::Cdcflow { .. }) => break,
+                Some(success) => panic!(
+                    "{} exited early (success: {success}); see {}",
+                    contender.name,
+                    self.work.join(format!("{tag}.log")).display()
+                ),
+                None if done => break,
+                None => {}
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not finish in 30 minutes",
+                contender.name
+            );
+        }
+        let finished = Instant::now();
+        launched.running.terminate();
+        let usage = launched.running.finish(Duration::from_secs(60));
+        Throughput {
+            elapsed_s: (finished - started).as_secs_f64(),
+            processing_s: (finished - first_output.unwrap_or(started)).as_secs_f64(),
+            usage,
+        }
+    }
+
+    /// Runs `contender` on a fresh input fed at `rate_rps`.
+    fn latency(&self, contender: &Contender, rate_rps: f64, duration: Duration) -> Latency {
+        let tag = format!("lat-{}", contender.id);
+        let input = format!("{}{tag}.shop.public.orders", self.prefix);
+        self.create_topics(std::slice::from_ref(&input));
+        let launched = self.launch(contender, &tag, &input, None);
+        let latency = latency::measure(
+            &self.bootstrap,
+            &input,
+            &launched.outputs,
+            PARTITIONS,
+            self.entities,
+            rate_rps,
+            duration,
+        );
+        launched.running.terminate();
+        launched.running.finish(Duration::from_secs(60));
+        latency
+    }
+}
+
+/// An empty `kafka-work` beside the results.
+fn work_dir() -> PathBuf {
+    let results = support::results_path(root(), "kafka");
+    let work = results.with_file_name("kafka-work");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).expect("work dir");
+    work
+}
+
+fn kstreams_script() -> PathBuf {
+    root().join("benches/kstreams/run.sh")
+}
+
+/// The broker to pin: `CDCFLOW_BENCH_BROKER_PID`, else the one `deploy/local/kafka.sh` runs.
+fn broker_pid() -> u32 {
+    if let Some(pid) = std::env::var("CDCFLOW_BENCH_BROKER_PID")
+        .ok()
+        .and_then(|p| p.parse().ok())
+    {
+        return pid;
+    }
+    let out = Command::new(root().join("deploy/local/kafka.sh"))
+        .arg("pid")
+        .output()
+        .expect("kafka.sh");
+    assert!(
+        out.status.success(),
+        "cannot find the broker to pin: {} (set CDCFLOW_BENCH_BROKER_PID to the broker's pid, \
+         or CDCFLOW_BENCH_PIN=0 to run unpinned)",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("pid")
+}
+
+fn bootstrap() -> String {
+    std::env::var("CDCFLOW_KAFKA_BOOTSTRAP").unwrap_or_else(|_| {
+        let out = Command::new(root().join("deploy/local/kafka.sh"))
+            .arg("start")
+            .output()
+            .expect("kafka.sh");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    })
 }
 
 fn main() {
@@ -161,143 +488,279 @@ fn main() {
     }
     let records = env_number("CDCFLOW_BENCH_RECORDS", 1_000_000);
     let entities = env_number("CDCFLOW_BENCH_ENTITIES", 100_000);
-    let bootstrap = std::env::var("CDCFLOW_KAFKA_BOOTSTRAP").unwrap_or_else(|_| {
-        let out = Command::new(root().join("deploy/local/kafka.sh"))
-            .arg("start")
-            .output()
-            .expect("kafka.sh");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    });
-    let run = std::process::id();
-    let prefix = format!("bench{run}.");
-    let input = format!("{prefix}shop.public.orders");
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .create()
-        .expect("admin");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let customers = format!("{prefix}shop.public.customers");
-    let raw_output = format!("{prefix}raw-output");
-    let topics = [
-        NewTopic::new(&input, PARTITIONS, TopicReplication::Fixed(1)),
-        NewTopic::new(&customers, PARTITIONS, TopicReplication::Fixed(1)),
-    ];
-    for result in runtime
-        .block_on(admin.create_topics(topics.iter(), &AdminOptions::new()))
-        .unwrap()
+    let latency_for = Duration::from_secs(env_number("CDCFLOW_BENCH_LATENCY_SECONDS", 20));
+    let chosen: Vec<Contender> = match std::env::var("CDCFLOW_BENCH_CONTENDERS") {
+        Ok(list) => list
+            .split(',')
+            .map(|id| {
+                *CONTENDERS
+                    .iter()
+                    .find(|c| c.id == id.trim())
+                    .unwrap_or_else(|| {
+                        panic!("unknown contender `{id}` in CDCFLOW_BENCH_CONTENDERS")
+                    })
+            })
+            .collect(),
+        Err(_) => CONTENDERS.to_vec(),
+    };
+    let machine = support::machine();
+    let cpus = support::cpus();
+    let bootstrap = bootstrap();
+    let pin = std::env::var("CDCFLOW_BENCH_PIN").map_or(true, |value| value != "0");
+    assert!(
+        !pin || cpus >= 2,
+        "pinning needs two CPUs; CDCFLOW_BENCH_PIN=0 runs unpinned"
+    );
+    let pinning = Pinning {
+        broker_cpu: 0,
+        contender_cpu: 1,
+    };
+    let broker = pin.then(broker_pid);
+    if chosen
+        .iter()
+        .any(|c| matches!(c.kind, Kind::KafkaStreams { .. }))
     {
-        result.expect("topic created");
-    }
-
-    let started = Instant::now();
-    let producer = producer(&bootstrap);
-    for (id, value) in order_changes(records, entities) {
-        send(
-            &producer,
-            &input,
-            format!("{{\"id\":{id}}}").as_bytes(),
-            value.to_string().as_bytes(),
+        let status = Command::new(kstreams_script())
+            .arg("--build-only")
+            .status()
+            .expect("benches/kstreams/run.sh");
+        assert!(
+            status.success(),
+            "the Kafka Streams contender did not build"
         );
     }
-    producer
-        .flush(Duration::from_secs(120))
-        .expect("preload flushed");
-    eprintln!(
-        "preloaded {records} records over {entities} entities in {:.1}s",
-        started.elapsed().as_secs_f64()
-    );
+    if let Some(pid) = broker {
+        pinning.apply(pid);
+        eprintln!(
+            "broker (pid {pid}) and harness on CPU {}, contenders on CPU {}",
+            pinning.broker_cpu, pinning.contender_cpu
+        );
+    }
+    let bench = Bench {
+        prefix: format!("bench{}.", std::process::id()),
+        records,
+        entities,
+        cpu: if pin { pinning.contender_cpu } else { 0 },
+        admin: ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .create()
+            .expect("admin"),
+        runtime: tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap(),
+        work: work_dir(),
+        bootstrap,
+    };
+    let input = format!("{}shop.public.orders", bench.prefix);
+    bench.create_topics(std::slice::from_ref(&input));
+    bench.preload(&input);
+    let value_bytes_avg = average_value_bytes(&bench.bootstrap, &input);
 
-    let probe: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
+    let mut results = Vec::new();
+    for contender in &chosen {
+        let run = bench.throughput(contender, &input);
+        let rate = records as f64 / run.processing_s;
+        eprintln!(
+            "{:<30} {rate:>9.0} records/s, {:.1} CPU s per 1M records, peak RSS {:.0} MiB",
+            contender.name,
+            run.usage.cpu_s() * 1e6 / records as f64,
+            run.usage.peak_rss_kib as f64 / 1024.0
+        );
+        results.push((contender, run, rate));
+    }
+    let mut rows = Vec::new();
+    for (contender, run, rate) in &results {
+        // CDCFLOW_BENCH_LATENCY_RATE fixes the rate instead (to compare contenders at one rate).
+        let latency_rate = std::env::var("CDCFLOW_BENCH_LATENCY_RATE")
+            .ok()
+            .and_then(|rate| rate.parse().ok())
+            .unwrap_or(rate / 2.0);
+        let latency = bench.latency(contender, latency_rate, latency_for);
+        eprintln!(
+            "{:<30} at {:.0} records/s: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} samples)",
+            contender.name,
+            latency.rate_rps,
+            latency.p50_ms,
+            latency.p99_ms,
+            latency.max_ms,
+            latency.samples
+        );
+        rows.push(json!({
+            "id": contender.id,
+            "name": contender.name,
+            "throughput_rps": rate,
+            "elapsed_s": run.elapsed_s,
+            "processing_s": run.processing_s,
+            "cpu_s": run.usage.cpu_s(),
+            "user_s": run.usage.user_s,
+            "system_s": run.usage.system_s,
+            "cpu_s_per_million": run.usage.cpu_s() * 1e6 / records as f64,
+            "peak_rss_mib": run.usage.peak_rss_kib as f64 / 1024.0,
+            "latency": latency,
+        }));
+    }
+    if let Some(pid) = broker {
+        pinning.release(pid, cpus);
+    }
+    let document = json!({
+        "benchmark": "kafka",
+        "date": support::utc_now(),
+        "machine": machine,
+        "method": {
+            "records": records,
+            "entities": entities,
+            "partitions": PARTITIONS,
+            "broker_cpu": broker.map(|_| pinning.broker_cpu),
+            "contender_cpu": broker.map(|_| pinning.contender_cpu),
+            "value_bytes_avg": value_bytes_avg,
+            "latency_seconds": latency_for.as_secs(),
+            "cdcflow_batch_max_wait_ms": 100,
+        },
+        "contenders": rows,
+        "targets": targets(&rows),
+    });
+    let path = support::results_path(root(), "kafka");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&document).unwrap() + "\n",
+    )
+    .unwrap();
+    print_table(&rows);
+    println!("results: {}", path.display());
+    if std::env::var("CDCFLOW_BENCH_KEEP_TOPICS").is_err() {
+        let probe: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bench.bootstrap)
+            .create()
+            .unwrap();
+        delete_run_topics(&bench.runtime, &bench.admin, &probe, &bench.prefix);
+    }
+    let _ = std::fs::remove_dir_all(&bench.work);
+}
+
+/// Mean value size of the first records of the input, for the method line.
+fn average_value_bytes(bootstrap: &str, topic: &str) -> u64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "cdcflow-bench-sizer")
         .create()
         .unwrap();
-    // The ceiling varies from run to run on a shared 2-core machine: take the median of three.
-    let mut raw_runs: Vec<(f64, f64)> = (0..3)
-        .map(|attempt| {
-            let output = format!("{raw_output}{attempt}");
-            let topic = NewTopic::new(&output, PARTITIONS, TopicReplication::Fixed(1));
-            for result in runtime
-                .block_on(admin.create_topics([&topic], &AdminOptions::new()))
-                .unwrap()
-            {
-                result.expect("topic created");
-            }
-            let mut raw = Command::new(std::env::current_exe().unwrap());
-            raw.args([
-                "--raw-pipe",
-                &bootstrap,
-                &input,
-                &output,
-                &format!("{prefix}raw{attempt}"),
-                &records.to_string(),
-            ]);
-            let (seconds, rss) = measure(raw, || end_offsets(&probe, &output) >= records as i64);
-            (records as f64 / seconds, rss)
-        })
-        .collect();
-    raw_runs.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let (raw_rate, raw_rss) = raw_runs[1];
-    println!(
-        "raw pipe:              {raw_rate:>9.0} records/s (median of {:.0}, {:.0}, {:.0}), peak RSS {raw_rss:.0} MiB",
-        raw_runs[0].0, raw_runs[1].0, raw_runs[2].0
-    );
-
-    let dir = tempfile::tempdir().unwrap();
-    let example = std::fs::read_to_string(root().join("examples/shop.toml")).unwrap();
-    for delivery in ["at_least_once", "exactly_once"] {
-        let group = format!("{prefix}{delivery}");
-        let mut config = format!(
-            "[kafka]\nbootstrap_servers = \"{bootstrap}\"\ngroup_id = \"{group}\"\ninstance_id = \"bench\"\n\
-             delivery = \"{delivery}\"\ntopic_partitions = {PARTITIONS}\n\n[http]\nlisten = \"127.0.0.1:0\"\n\n"
-        );
-        for line in example.lines() {
-            if line.starts_with("path = ") {
-                config.push_str(&format!(
-                    "path = \"{}\"\n",
-                    dir.path().join(format!("{delivery}.db")).display()
-                ));
-            } else {
-                config.push_str(&line.replace("\"shop.", &format!("\"{prefix}{delivery}.shop.")));
-                config.push('\n');
-            }
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&list).unwrap();
+    let (mut count, mut bytes) = (0u64, 0u64);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count < 1000 && Instant::now() < deadline {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+            bytes += message.payload_len() as u64;
+            count += 1;
         }
-        // Both pipelines read the shared preloaded input.
-        let config = config
-            .replace(
-                &format!("\"{prefix}{delivery}.shop.public.orders\""),
-                &format!("\"{input}\""),
-            )
-            .replace(
-                &format!("\"{prefix}{delivery}.shop.public.customers\""),
-                &format!("\"{customers}\""),
-            );
-        let path = dir.path().join(format!("{delivery}.toml"));
-        std::fs::write(&path, config).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_cdcflow"));
-        command
-            .args(["run", "--config"])
-            .arg(&path)
-            .env("CDCFLOW_LOG", "warn")
-            .stderr(Stdio::null());
-        let (seconds, rss) = measure(command, || {
-            committed(&bootstrap, &group, &input) >= records as i64
-        });
-        let rate = records as f64 / seconds;
-        println!(
-            "cdcflow {delivery:<14} {rate:>9.0} records/s ({seconds:.1}s), peak RSS {rss:.0} MiB, {:.0}% of the raw pipe",
-            100.0 * rate / raw_rate
-        );
     }
-    if std::env::var("CDCFLOW_BENCH_KEEP_TOPICS").is_err() {
-        delete_run_topics(&runtime, &admin, &probe, &prefix);
+    bytes / count.max(1)
+}
+
+fn field<'a>(rows: &'a [serde_json::Value], id: &str) -> Option<&'a serde_json::Value> {
+    rows.iter().find(|row| row["id"] == id)
+}
+
+/// The issue's targets, each judged from this run's figures.
+fn targets(rows: &[serde_json::Value]) -> Vec<serde_json::Value> {
+    let number = |id: &str, key: &str| field(rows, id).and_then(|row| row[key].as_f64());
+    let p99 = |id: &str| field(rows, id).and_then(|row| row["latency"]["p99_ms"].as_f64());
+    let mut targets = Vec::new();
+    let mut ratio = |name: &str,
+                     wanted: &str,
+                     numerator: Option<f64>,
+                     denominator: Option<f64>,
+                     bound: f64,
+                     at_least: bool| {
+        if let (Some(numerator), Some(denominator)) = (numerator, denominator) {
+            let value = numerator / denominator;
+            let met = if at_least {
+                value >= bound
+            } else {
+                value <= bound
+            };
+            targets.push(support::target(name, wanted, format!("{value:.2}x"), met));
+        }
+    };
+    ratio(
+        "cdcflow exactly-once / Kafka Streams exactly_once_v2, throughput",
+        ">= 3x",
+        number("cdcflow-eos", "throughput_rps"),
+        number("kstreams-eos", "throughput_rps"),
+        3.0,
+        true,
+    );
+    ratio(
+        "cdcflow exactly-once / Kafka Streams exactly_once_v2, peak RSS",
+        "<= 0.25x",
+        number("cdcflow-eos", "peak_rss_mib"),
+        number("kstreams-eos", "peak_rss_mib"),
+        0.25,
+        false,
+    );
+    ratio(
+        "cdcflow at-least-once / raw pipe, throughput",
+        ">= 0.5x",
+        number("cdcflow-alo", "throughput_rps"),
+        number("raw", "throughput_rps"),
+        0.5,
+        true,
+    );
+    ratio(
+        "cdcflow exactly-once / raw pipe, throughput",
+        ">= 0.4x",
+        number("cdcflow-eos", "throughput_rps"),
+        number("raw", "throughput_rps"),
+        0.4,
+        true,
+    );
+    if let Some(p99) = p99("cdcflow-alo") {
+        targets.push(support::target(
+            "cdcflow at-least-once p99 latency at half load",
+            "<= 20 ms",
+            format!("{p99:.1} ms"),
+            p99 <= 20.0,
+        ));
+    }
+    if let Some(p99) = p99("cdcflow-eos") {
+        targets.push(support::target(
+            "cdcflow exactly-once p99 latency at half load",
+            "<= batch_max_wait (100 ms) + 30 ms",
+            format!("{p99:.1} ms"),
+            p99 <= 130.0,
+        ));
+    }
+    targets
+}
+
+fn print_table(rows: &[serde_json::Value]) {
+    println!(
+        "{:<30} {:>10} {:>12} {:>9} {:>10} {:>8} {:>8} {:>8}",
+        "contender",
+        "records/s",
+        "CPU s / 1M",
+        "RSS MiB",
+        "lat. rate",
+        "p50 ms",
+        "p99 ms",
+        "max ms"
+    );
+    for row in rows {
+        let number = |value: &serde_json::Value| value.as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{:<30} {:>10.0} {:>12.1} {:>9.0} {:>10.0} {:>8.1} {:>8.1} {:>8.1}",
+            row["name"].as_str().unwrap_or_default(),
+            number(&row["throughput_rps"]),
+            number(&row["cpu_s_per_million"]),
+            number(&row["peak_rss_mib"]),
+            number(&row["latency"]["rate_rps"]),
+            number(&row["latency"]["p50_ms"]),
+            number(&row["latency"]["p99_ms"]),
+            number(&row["latency"]["max_ms"]),
+        );
     }
 }
 

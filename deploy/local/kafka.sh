@@ -314,6 +314,7 @@ cmd_reset() {
 }
 
 cmd_bootstrap() { printf '%s\n' "$BOOTSTRAP"; }
+cmd_pid() { broker_pid || die "no broker runs on $STATE"; }
 cmd_resolve() { ensure_resolved; }
 cmd_topics() { run_client_tool "$CLASS_TOPICS" "$@"; }
 cmd_console_producer() { run_client_tool "$CLASS_PRODUCER" "$@"; }
@@ -334,6 +335,7 @@ usage: $(basename "$0") COMMAND [ARGS...]
   status                   exit 0 running and answering, 1 running not answering, 3 stopped
   reset                    stop and delete the state dir ($STATE)
   bootstrap                print the bootstrap address
+  pid                      print the broker's pid (exit 1 when stopped): the benchmarks pin it
   topics ARGS...           $CLASS_TOPICS
   console-producer ARGS... $CLASS_PRODUCER
   console-consumer ARGS... $CLASS_CONSUMER
@@ -344,4 +346,4 @@ topics / console-* add --bootstrap-server $BOOTSTRAP unless given one.
 EOF
 }
 
-dispatch "start stop status reset bootstrap resolve topics console-producer console-consumer tool" "$@"
+dispatch "start stop status reset bootstrap pid resolve topics console-producer console-consumer tool" "$@"

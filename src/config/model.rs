@@ -429,7 +429,9 @@ pub struct KafkaConfig {
     /// records are. Default 32 MiB.
     #[serde(default = "default_batch_max_bytes")]
     pub batch_max_bytes: usize,
-    /// Longest a batch waits to fill, e.g. `"100ms"`. Default 100 ms.
+    /// Longest a batch waits to fill, e.g. `"100ms"`. Default 100 ms: under exactly-once the
+    /// latency of visible output, as `commit.interval.ms` is for Kafka Streams. At-least-once
+    /// closes a batch as soon as the records already fetched are drained.
     #[serde(default = "default_batch_max_wait", with = "duration")]
     pub batch_max_wait: std::time::Duration,
     /// `transaction.timeout.ms`: keep it modest, an open transaction of a dead instance blocks

@@ -20,6 +20,7 @@ use super::rebalance::{
 use super::report::{Reporter, TopicPartition};
 use super::service::ServiceOptions;
 use crate::cdc::{Header, RawRecord};
+use crate::config::DeliveryConfig;
 use crate::engine::{OutputKind, RecordFailure, Stage};
 use crate::metrics::Tally;
 use crate::runtime::{
@@ -272,9 +273,13 @@ impl<S: StateStore> Worker<'_, S> {
     }
 
     /// Polls until the batch is full (records or bytes), its time is up, shutdown is asked
-    /// for, or partitions are revoked.
+    /// for, or partitions are revoked. At-least-once also closes a batch as soon as the
+    /// records already fetched are drained: its batches cost no transaction, so waiting to fill
+    /// one only adds latency. Exactly-once waits up to `batch_max_wait` to fill, since every
+    /// batch pays a commit of a few broker round trips.
     fn collect_batch(&mut self) -> Result<Collected, ServiceError> {
         let kafka = &self.options.kafka;
+        let drain_only = kafka.delivery == DeliveryConfig::AtLeastOnce;
         let deadline = Instant::now() + kafka.batch_max_wait;
         let mut records = Vec::new();
         let mut bytes = 0usize;
@@ -287,9 +292,13 @@ impl<S: StateStore> Worker<'_, S> {
             if now >= deadline && !records.is_empty() {
                 break;
             }
-            let wait = deadline
-                .saturating_duration_since(now)
-                .clamp(Duration::from_millis(1), Duration::from_millis(100));
+            let wait = if drain_only && !records.is_empty() {
+                Duration::ZERO
+            } else {
+                deadline
+                    .saturating_duration_since(now)
+                    .clamp(Duration::from_millis(1), Duration::from_millis(100))
+            };
             match self.consumer.poll(wait) {
                 Some(Ok(message)) => {
                     let record = raw_record(&message);
@@ -303,6 +312,7 @@ impl<S: StateStore> Worker<'_, S> {
                     });
                 }
                 Some(Err(error)) => self.reporter.consumer_error(&error),
+                None if drain_only && !records.is_empty() => break,
                 None => {}
             }
             for event in self.consumer.context().take() {
