@@ -7,7 +7,7 @@ use std::hint::black_box;
 use cdcflow::cdc::RawRecord;
 use cdcflow::config::Config;
 use cdcflow::engine::{DecodeOutcome, EntityState, Version};
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group};
 use serde_json::{Value, json};
 
 #[global_allocator]
@@ -55,7 +55,8 @@ fn field(name: &str, kind: &str, optional: bool) -> Value {
     json!({"type": kind, "optional": optional, "field": name})
 }
 
-fn wrapped_update() -> Value {
+/// The JsonConverter's text: `schema` first, then `payload` (a `Value` would sort the keys).
+fn wrapped_update() -> String {
     let row_schema = |name: &str| {
         json!({"type": "struct", "optional": true, "name": "shop.public.orders.Value", "field": name,
                "fields": [field("id", "int64", false), field("customer_id", "int64", false),
@@ -79,17 +80,18 @@ fn wrapped_update() -> Value {
     after["amount"] = json!("LuA=");
     after["created_at"] = json!(1_732_528_680_000_000u64);
     after["updated_at"] = json!(1_732_528_860_000_000u64);
-    json!({"schema": schema, "payload": {"before": null, "after": after, "source": source(), "op": "u",
-                                          "ts_ms": 1_732_528_860_312u64}})
+    let payload = json!({"before": null, "after": after, "source": source(), "op": "u",
+                         "ts_ms": 1_732_528_860_312u64});
+    format!(r#"{{"schema":{schema},"payload":{payload}}}"#)
 }
 
-fn record(key: &str, value: &Value) -> RawRecord {
+fn record(key: &str, value: &str) -> RawRecord {
     RawRecord {
         topic: "shop.public.orders".into(),
         partition: 0,
         offset: 42,
         key: Some(key.as_bytes().to_vec()),
-        value: Some(value.to_string().into_bytes()),
+        value: Some(value.as_bytes().to_vec()),
         headers: Vec::new(),
         timestamp_ms: None,
     }
@@ -111,7 +113,7 @@ fn bench_decode_and_process(c: &mut Criterion) {
     let cases = [
         (
             "postgres_update_plain",
-            record(r#"{"id":1001}"#, &plain_update()),
+            record(r#"{"id":1001}"#, &plain_update().to_string()),
         ),
         (
             "postgres_update_schema_wrapped",
@@ -170,4 +172,62 @@ fn bench_decode_and_process(c: &mut Criterion) {
 }
 
 criterion_group!(benches, bench_decode_and_process);
-criterion_main!(benches);
+
+/// Criterion's run, then the means it stored written as `core.json` for `benches/render.sh`.
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+    write_results();
+}
+
+#[path = "support/mod.rs"]
+mod support;
+
+#[path = "../tests/common/checkout.rs"]
+mod checkout;
+
+fn write_results() {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| checkout::root().join("target"), std::path::PathBuf::from);
+    let mean_ns = |name: &str| -> Option<f64> {
+        let path = target.join(format!(
+            "criterion/decode_and_process/{name}/new/estimates.json"
+        ));
+        let estimates: Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+        estimates["mean"]["point_estimate"].as_f64()
+    };
+    let (Some(plain), Some(wrapped)) = (
+        mean_ns("postgres_update_plain"),
+        mean_ns("postgres_update_schema_wrapped"),
+    ) else {
+        // A filtered run (`cargo bench --bench core -- decode_only`) leaves no pair to report.
+        return;
+    };
+    let per_second = |ns: f64| 1e9 / ns;
+    let mut results = vec![
+        json!({"name": "Postgres update, plain: records/s on one core", "value": per_second(plain), "unit": "records/s"}),
+        json!({"name": "Postgres update, schema-wrapped: records/s on one core", "value": per_second(wrapped), "unit": "records/s"}),
+    ];
+    for part in ["decode_only_plain", "apply_no_rules", "apply_two_rules"] {
+        if let Some(ns) = mean_ns(part) {
+            results.push(json!({"name": part, "value": ns / 1000.0, "unit": "µs"}));
+        }
+    }
+    let document = json!({
+        "benchmark": "core",
+        "date": support::utc_now(),
+        "machine": support::machine(),
+        "results": results,
+        "targets": [
+            support::target("core, plain", ">= 250,000 records/s", format!("{:.0} records/s", per_second(plain)), per_second(plain) >= 250_000.0),
+            support::target("core, schema-wrapped", ">= 150,000 records/s", format!("{:.0} records/s", per_second(wrapped)), per_second(wrapped) >= 150_000.0),
+        ],
+    });
+    let path = support::results_path(checkout::root(), "core");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&document).unwrap() + "\n",
+    )
+    .unwrap();
+    println!("results: {}", path.display());
+}

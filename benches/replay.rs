@@ -85,10 +85,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err(format!("cdcflow replay failed: {summary}").into());
     }
     eprintln!("{summary}");
+    let rate = records as f64 / elapsed;
+    let peak_mib = peak as f64 / 1024.0;
     println!(
-        "replay_end_to_end: {records} records in {elapsed:.2}s = {:.0} records/s, peak RSS {:.0} MiB",
-        records as f64 / elapsed,
-        peak as f64 / 1024.0
+        "replay_end_to_end: {records} records in {elapsed:.2}s = {rate:.0} records/s, peak RSS {peak_mib:.0} MiB"
     );
+    let document = json!({
+        "benchmark": "replay",
+        "date": support::utc_now(),
+        "machine": support::machine(),
+        "results": [
+            {"name": format!("{records} records over {entities} entities, SQLite"), "value": rate, "unit": "records/s"},
+            {"name": "peak RSS", "value": peak_mib, "unit": "MiB"},
+        ],
+        "targets": [
+            support::target("replay throughput", ">= 150,000 records/s", format!("{rate:.0} records/s"), rate >= 150_000.0),
+            support::target("replay peak RSS", "<= 200 MiB", format!("{peak_mib:.0} MiB"), peak_mib <= 200.0),
+        ],
+    });
+    let path = support::results_path(root, "replay");
+    std::fs::write(&path, serde_json::to_string_pretty(&document)? + "\n")?;
+    println!("results: {}", path.display());
     Ok(())
 }

@@ -458,3 +458,39 @@ fn flattened_rewrite_delete_is_a_delete_of_the_before_row() {
     let update = decode_change(&fixture("flattened/update.json"));
     assert!(version > version_by(postgres, &update));
 }
+
+/// The JsonConverter's own text (`schema` before `payload`, compact) of a fixture's value.
+fn converter_text(value: &Value) -> Vec<u8> {
+    format!(
+        r#"{{"schema":{},"payload":{}}}"#,
+        value["schema"], value["payload"]
+    )
+    .into_bytes()
+}
+
+/// A decoder that has seen a schema reads the next record's payload without scanning the
+/// schema again: the change is the same as on first sight, and so is the error of a payload
+/// that is broken after a known schema.
+#[test]
+fn a_schema_seen_before_decodes_the_same() {
+    let fixture = fixture("postgres/with_schema_update.json");
+    let mut record = fixture_record(&fixture);
+    record.value = Some(converter_text(&fixture["value"]));
+    let decoder = Decoder::default();
+    let first = decoder.decode(&record).expect("first decode");
+    let again = decoder.decode(&record).expect("second decode");
+    assert_eq!(first, again);
+    assert_eq!(first, Decoder::default().decode(&record).unwrap());
+
+    let text = String::from_utf8(record.value.clone().unwrap()).unwrap();
+    for broken in [
+        text.replace(r#""op":"u""#, r#""op":7"#),
+        text[..text.len() - 2].to_owned(),
+        text.replace(r#","payload":"#, r#","payload":{"x":1},"extra":"#),
+    ] {
+        record.value = Some(broken.into_bytes());
+        let fresh = Decoder::default().decode(&record).unwrap_err().to_string();
+        let warm = decoder.decode(&record).unwrap_err().to_string();
+        assert_eq!(warm, fresh);
+    }
+}

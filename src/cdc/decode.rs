@@ -224,6 +224,9 @@ impl Decoder {
                 limit: self.limits.max_nesting_depth,
             });
         }
+        if let Some(parsed) = self.parse_after_recent_schema(text) {
+            return Ok(parsed);
+        }
         // Only a value that opens with one of the wrapper's two fields is worth the borrowed
         // fast path; anything that is not exactly {schema, payload} parses as plain JSON.
         let opening = text.trim_start();
@@ -244,6 +247,24 @@ impl Decoder {
             serde_json::from_str(text).map_err(|error| classify_json_error(part, &error))?;
         let (value, schema) = unwrap_schema(value);
         Ok((value, schema.map(Arc::new)))
+    }
+}
+
+impl Decoder {
+    /// The wrapper as the JsonConverter writes it (`{"schema":S,"payload":P}`, compact) whose
+    /// schema S is one seen recently: only P is parsed. `None` sends the text the general way,
+    /// which also words any error.
+    fn parse_after_recent_schema(&self, text: &str) -> Option<(Value, Option<Arc<Value>>)> {
+        const OPENING: &str = "{\"schema\":";
+        const BETWEEN: &str = ",\"payload\":";
+        let rest = text.strip_prefix(OPENING)?;
+        let (schema, length) = self.schemas.recent_prefix(rest)?;
+        let payload = rest[length..]
+            .strip_prefix(BETWEEN)?
+            .trim_end()
+            .strip_suffix('}')?;
+        let payload = serde_json::from_str(payload).ok()?;
+        Some((payload, Some(schema)))
     }
 }
 
