@@ -47,24 +47,25 @@ pub enum EventMode {
     Binary,
 }
 
-/// One derived business event.
+/// One derived business event, borrowing its attributes from the change it came from: a
+/// record's events share them, and only the serialised output is allocated.
 #[derive(Debug, Clone, PartialEq)]
-pub struct BusinessEvent {
+pub struct BusinessEvent<'a> {
     pub id: Uuid,
-    pub source: String,
-    pub event_type: String,
-    pub subject: String,
-    pub time: Option<String>,
+    pub source: &'a str,
+    pub event_type: &'a str,
+    pub subject: &'a str,
+    pub time: Option<&'a str>,
     pub data: Value,
-    pub entity_version: String,
-    pub sequence: String,
-    pub partition_key: String,
-    pub causation_id: String,
-    pub correlation_id: Option<String>,
+    pub entity_version: &'a str,
+    pub sequence: &'a str,
+    pub partition_key: &'a str,
+    pub causation_id: &'a str,
+    pub correlation_id: Option<&'a str>,
     /// Fields the connector did not deliver (Debezium's unavailable-value placeholder) and
     /// cdcflow had no stored value for: absent from the images the rules saw. Written as the
     /// `unavailablefields` extension, comma-separated, only when not empty.
-    pub unavailable_fields: Vec<String>,
+    pub unavailable_fields: &'a [String],
 }
 
 /// The structured-mode document, borrowed from an event for serialisation.
@@ -90,22 +91,22 @@ struct Document<'a> {
     unavailablefields: Option<String>,
 }
 
-impl BusinessEvent {
-    fn document<'a>(&'a self, id: &'a str) -> Document<'a> {
+impl BusinessEvent<'_> {
+    fn document<'d>(&'d self, id: &'d str) -> Document<'d> {
         Document {
             specversion: "1.0",
             id,
-            source: &self.source,
-            event_type: &self.event_type,
-            subject: &self.subject,
-            time: self.time.as_deref(),
+            source: self.source,
+            event_type: self.event_type,
+            subject: self.subject,
+            time: self.time,
             datacontenttype: "application/json",
             data: &self.data,
-            entityversion: &self.entity_version,
-            sequence: &self.sequence,
-            partitionkey: &self.partition_key,
-            causationid: &self.causation_id,
-            correlationid: self.correlation_id.as_deref(),
+            entityversion: self.entity_version,
+            sequence: self.sequence,
+            partitionkey: self.partition_key,
+            causationid: self.causation_id,
+            correlationid: self.correlation_id,
             unavailablefields: self.unavailable_fields_text(),
         }
     }
@@ -142,7 +143,7 @@ impl BusinessEvent {
                     ("ce_type".to_owned(), self.event_type.as_bytes().to_vec()),
                     ("ce_subject".to_owned(), self.subject.as_bytes().to_vec()),
                 ];
-                if let Some(time) = &self.time {
+                if let Some(time) = self.time {
                     headers.push(("ce_time".to_owned(), time.as_bytes().to_vec()));
                 }
                 headers.extend([
@@ -160,7 +161,7 @@ impl BusinessEvent {
                         self.causation_id.as_bytes().to_vec(),
                     ),
                 ]);
-                if let Some(correlation) = &self.correlation_id {
+                if let Some(correlation) = self.correlation_id {
                     headers.push((
                         "ce_correlationid".to_owned(),
                         correlation.as_bytes().to_vec(),
