@@ -403,6 +403,22 @@ impl Bench {
         }
     }
 
+    /// The harness and broker alone at `rate_rps`: the probe reads the generator's topic
+    /// directly. What a contender's latency adds is its figure minus this floor.
+    fn latency_floor(&self, tag: &str, rate_rps: f64, duration: Duration) -> Latency {
+        let topic = format!("{}floor-{tag}", self.prefix);
+        self.create_topics(std::slice::from_ref(&topic));
+        latency::measure(
+            &self.bootstrap,
+            &topic,
+            std::slice::from_ref(&topic),
+            PARTITIONS,
+            self.entities,
+            rate_rps,
+            duration,
+        )
+    }
+
     /// Runs `contender` on a fresh input fed at `rate_rps`.
     fn latency(&self, contender: &Contender, rate_rps: f64, duration: Duration) -> Latency {
         let tag = format!("lat-{}", contender.id);
@@ -576,15 +592,19 @@ fn main() {
             .ok()
             .and_then(|rate| rate.parse().ok())
             .unwrap_or(rate / 2.0);
+        let floor = bench.latency_floor(contender.id, latency_rate, latency_for);
         let latency = bench.latency(contender, latency_rate, latency_for);
         eprintln!(
-            "{:<30} at {:.0} records/s: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} samples)",
+            "{:<30} at {:.0} records/s: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} samples); \
+             broker and harness alone: p50 {:.1} ms, p99 {:.1} ms",
             contender.name,
             latency.rate_rps,
             latency.p50_ms,
             latency.p99_ms,
             latency.max_ms,
-            latency.samples
+            latency.samples,
+            floor.p50_ms,
+            floor.p99_ms
         );
         rows.push(json!({
             "id": contender.id,
@@ -598,6 +618,7 @@ fn main() {
             "cpu_s_per_million": run.usage.cpu_s() * 1e6 / records as f64,
             "peak_rss_mib": run.usage.peak_rss_kib as f64 / 1024.0,
             "latency": latency,
+            "latency_floor": floor,
         }));
     }
     if let Some(pid) = broker {
