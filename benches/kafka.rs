@@ -34,8 +34,6 @@ mod support;
 mod checkout;
 use checkout::root;
 
-#[path = "kafka/contender.rs"]
-mod contender;
 #[path = "kafka/latency.rs"]
 mod latency;
 
@@ -43,47 +41,23 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use contender::{Pinning, Running, Usage};
 use latency::{Latency, Watermarks};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::Producer;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::json;
+use support::kafka::{
+    committed, create_topics, delete_run_topics, group_consumer, preload, producer, send,
+};
+use support::process::{
+    BROKER_CPU, CONTENDER_CPU, PinnedBroker, Timed, TimedCommand, Usage, broker_pid, pin_harness,
+};
 use support::{env_number, order_change_texts};
 
 const PARTITIONS: i32 = 12;
-
-/// A producer batching for throughput; `linger_ms` 5 is librdkafka's default and cdcflow's.
-fn producer(bootstrap: &str, linger_ms: u32) -> ThreadedProducer<DefaultProducerContext> {
-    ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("linger.ms", linger_ms.to_string())
-        .set("batch.size", "1000000")
-        .set("queue.buffering.max.kbytes", "262144")
-        .create()
-        .expect("producer")
-}
-
-fn send(
-    producer: &ThreadedProducer<DefaultProducerContext>,
-    topic: &str,
-    key: &[u8],
-    value: &[u8],
-) {
-    let mut record = BaseRecord::to(topic).key(key).payload(value);
-    loop {
-        match producer.send(record) {
-            Ok(()) => return,
-            Err((_, returned)) => {
-                record = returned;
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        }
-    }
-}
 
 /// The raw pipe: consume every input record and produce it unchanged, no logic; after
 /// `records` records, or until killed when `records` is 0.
@@ -112,30 +86,6 @@ fn raw_pipe(bootstrap: &str, input: &str, output: &str, group: &str, records: u6
         }
     }
     producer.flush(Duration::from_secs(60)).expect("flush");
-}
-
-fn committed(bootstrap: &str, group: &str, topic: &str) -> i64 {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", group)
-        .create()
-        .expect("consumer");
-    let mut list = TopicPartitionList::new();
-    for partition in 0..PARTITIONS {
-        list.add_partition(topic, partition);
-    }
-    consumer
-        .committed_offsets(list, Duration::from_secs(5))
-        .map(|list| {
-            list.elements()
-                .iter()
-                .map(|e| match e.offset() {
-                    Offset::Offset(offset) => offset,
-                    _ => 0,
-                })
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 /// How a contender is started and when it is done.
@@ -211,44 +161,21 @@ struct Bench {
 
 /// A contender started on an input, with the topics it writes its events to.
 struct Launched {
-    running: Running,
+    running: Timed,
     outputs: Vec<String>,
     group: String,
 }
 
 impl Bench {
     fn create_topics(&self, names: &[String]) {
-        let topics: Vec<NewTopic<'_>> = names
-            .iter()
-            .map(|name| NewTopic::new(name, PARTITIONS, TopicReplication::Fixed(1)))
-            .collect();
-        for result in self
-            .runtime
-            .block_on(
-                self.admin
-                    .create_topics(topics.iter(), &AdminOptions::new()),
-            )
-            .expect("create topics")
-        {
-            result.expect("topic created");
-        }
+        create_topics(&self.runtime, &self.admin, names, PARTITIONS);
     }
 
     fn preload(&self, input: &str) {
         let started = Instant::now();
-        let producer = producer(&self.bootstrap, 20);
         let source_ts_ms = |offset| 1_732_528_800_000 + offset;
-        for (id, value) in order_change_texts(self.records, self.entities, source_ts_ms) {
-            send(
-                &producer,
-                input,
-                format!("{{\"id\":{id}}}").as_bytes(),
-                value.as_bytes(),
-            );
-        }
-        producer
-            .flush(Duration::from_secs(120))
-            .expect("preload flushed");
+        let changes = order_change_texts(self.records, self.entities, source_ts_ms);
+        preload(&self.bootstrap, input, changes);
         eprintln!(
             "preloaded {} records over {} entities in {:.1}s",
             self.records,
@@ -324,7 +251,17 @@ impl Bench {
             };
         // Created here, as the contenders would, so the probes can read them from the start.
         self.create_topics(&outputs);
-        let running = Running::spawn(contender.name, self.cpu, &program, &args, &env, &log);
+        let log_file = std::fs::File::create(&log).expect("contender log");
+        let mut timed = TimedCommand::new(&program, Some(self.cpu), log.with_extension("usage"));
+        timed
+            .command()
+            .args(&args)
+            .envs(env)
+            .stdout(log_file.try_clone().expect("log"))
+            .stderr(log_file);
+        let running = timed.spawn().unwrap_or_else(|error| {
+            panic!("{}: could not start {program:?}: {error}", contender.name)
+        });
         Launched {
             running,
             outputs,
@@ -373,11 +310,12 @@ impl Bench {
             }
             let done = match contender.kind {
                 Kind::Cdcflow { .. } => {
-                    committed(&self.bootstrap, &launched.group, input) >= self.records as i64
+                    let group = group_consumer(&self.bootstrap, &launched.group);
+                    committed(&group, input, PARTITIONS) >= self.records as i64
                 }
                 Kind::RawPipe | Kind::KafkaStreams { .. } => false,
             };
-            match launched.running.exited() {
+            match launched.running.exited().map(|status| status.success()) {
                 Some(true) if !matches!(contender.kind, Kind::Cdcflow { .. }) => break,
                 Some(success) => panic!(
                     "{} exited early (success: {success}); see {}",
@@ -394,8 +332,7 @@ impl Bench {
             );
         }
         let finished = Instant::now();
-        launched.running.terminate();
-        let usage = launched.running.finish(Duration::from_secs(60));
+        let (_, usage) = launched.running.stop(Duration::from_secs(60));
         Throughput {
             elapsed_s: (finished - started).as_secs_f64(),
             processing_s: (finished - first_output.unwrap_or(started)).as_secs_f64(),
@@ -434,8 +371,7 @@ impl Bench {
             rate_rps,
             duration,
         );
-        launched.running.terminate();
-        launched.running.finish(Duration::from_secs(60));
+        launched.running.stop(Duration::from_secs(60));
         latency
     }
 }
@@ -451,45 +387,6 @@ fn work_dir() -> PathBuf {
 
 fn kstreams_script() -> PathBuf {
     root().join("benches/kstreams/run.sh")
-}
-
-/// The broker to pin: `CDCFLOW_BENCH_BROKER_PID`, else the one `deploy/local/kafka.sh` runs.
-fn broker_pid() -> u32 {
-    if let Some(pid) = std::env::var("CDCFLOW_BENCH_BROKER_PID")
-        .ok()
-        .and_then(|p| p.parse().ok())
-    {
-        return pid;
-    }
-    let out = Command::new(root().join("deploy/local/kafka.sh"))
-        .arg("pid")
-        .output()
-        .expect("kafka.sh");
-    assert!(
-        out.status.success(),
-        "cannot find the broker to pin: {} (set CDCFLOW_BENCH_BROKER_PID to the broker's pid, \
-         or CDCFLOW_BENCH_PIN=0 to run unpinned)",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .expect("pid")
-}
-
-fn bootstrap() -> String {
-    std::env::var("CDCFLOW_KAFKA_BOOTSTRAP").unwrap_or_else(|_| {
-        let out = Command::new(root().join("deploy/local/kafka.sh"))
-            .arg("start")
-            .output()
-            .expect("kafka.sh");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    })
 }
 
 fn main() {
@@ -521,17 +418,20 @@ fn main() {
     };
     let machine = support::machine();
     let cpus = support::cpus();
-    let bootstrap = bootstrap();
+    let bootstrap = support::kafka::bootstrap(root());
     let pin = std::env::var("CDCFLOW_BENCH_PIN").map_or(true, |value| value != "0");
     assert!(
         !pin || cpus >= 2,
         "pinning needs two CPUs; CDCFLOW_BENCH_PIN=0 runs unpinned"
     );
-    let pinning = Pinning {
-        broker_cpu: 0,
-        contender_cpu: 1,
-    };
-    let broker = pin.then(broker_pid);
+    let broker = pin.then(|| {
+        broker_pid(root()).unwrap_or_else(|why| {
+            panic!(
+                "cannot find the broker to pin: {why} (set CDCFLOW_BENCH_BROKER_PID to the \
+                 broker's pid, or CDCFLOW_BENCH_PIN=0 to run unpinned)"
+            )
+        })
+    });
     if chosen
         .iter()
         .any(|c| matches!(c.kind, Kind::KafkaStreams { .. }))
@@ -545,18 +445,20 @@ fn main() {
             "the Kafka Streams contender did not build"
         );
     }
-    if let Some(pid) = broker {
-        pinning.apply(pid);
+    let pinned_broker = broker.map(|pid| {
+        let pinned = PinnedBroker::pin(pid, BROKER_CPU)
+            .unwrap_or_else(|| panic!("taskset could not pin pid {pid}"));
+        pin_harness(BROKER_CPU);
         eprintln!(
-            "broker (pid {pid}) and harness on CPU {}, contenders on CPU {}",
-            pinning.broker_cpu, pinning.contender_cpu
+            "broker (pid {pid}) and harness on CPU {BROKER_CPU}, contenders on CPU {CONTENDER_CPU}"
         );
-    }
+        pinned
+    });
     let bench = Bench {
         prefix: format!("bench{}.", std::process::id()),
         records,
         entities,
-        cpu: if pin { pinning.contender_cpu } else { 0 },
+        cpu: if pin { CONTENDER_CPU } else { 0 },
         admin: ClientConfig::new()
             .set("bootstrap.servers", &bootstrap)
             .create()
@@ -581,7 +483,7 @@ fn main() {
             "{:<30} {rate:>9.0} records/s, {:.1} CPU s per 1M records, peak RSS {:.0} MiB",
             contender.name,
             run.usage.cpu_s() * 1e6 / records as f64,
-            run.usage.peak_rss_kib as f64 / 1024.0
+            run.usage.peak_rss_mib()
         );
         results.push((contender, run, rate));
     }
@@ -616,14 +518,13 @@ fn main() {
             "user_s": run.usage.user_s,
             "system_s": run.usage.system_s,
             "cpu_s_per_million": run.usage.cpu_s() * 1e6 / records as f64,
-            "peak_rss_mib": run.usage.peak_rss_kib as f64 / 1024.0,
+            "peak_rss_mib": run.usage.peak_rss_mib(),
             "latency": latency,
             "latency_floor": floor,
         }));
     }
-    if let Some(pid) = broker {
-        pinning.release(pid, cpus);
-    }
+    // Every CPU back to the broker (also when the bench fails, by the drop).
+    drop(pinned_broker);
     let document = json!({
         "benchmark": "kafka",
         "date": support::utc_now(),
@@ -632,8 +533,8 @@ fn main() {
             "records": records,
             "entities": entities,
             "partitions": PARTITIONS,
-            "broker_cpu": broker.map(|_| pinning.broker_cpu),
-            "contender_cpu": broker.map(|_| pinning.contender_cpu),
+            "broker_cpu": broker.map(|_| BROKER_CPU),
+            "contender_cpu": broker.map(|_| CONTENDER_CPU),
             "value_bytes_avg": value_bytes_avg,
             "latency_seconds": latency_for.as_secs(),
             "cdcflow_batch_max_wait_ms": 100,
@@ -783,31 +684,4 @@ fn print_table(rows: &[serde_json::Value]) {
             number(&row["latency"]["max_ms"]),
         );
     }
-}
-
-/// Deletes every topic whose name starts with this run's prefix.
-fn delete_run_topics(
-    runtime: &tokio::runtime::Runtime,
-    admin: &AdminClient<DefaultClientContext>,
-    probe: &BaseConsumer,
-    prefix: &str,
-) {
-    let metadata = probe
-        .fetch_metadata(None, Duration::from_secs(10))
-        .expect("metadata");
-    let names: Vec<&str> = metadata
-        .topics()
-        .iter()
-        .map(|topic| topic.name())
-        .filter(|name| name.starts_with(prefix))
-        .collect();
-    for result in runtime
-        .block_on(admin.delete_topics(&names, &AdminOptions::new()))
-        .expect("delete topics")
-    {
-        if let Err((topic, error)) = result {
-            eprintln!("could not delete `{topic}`: {error}");
-        }
-    }
-    eprintln!("deleted the run's {} topics", names.len());
 }

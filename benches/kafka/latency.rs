@@ -10,9 +10,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
+use crate::support::kafka::send;
 use crate::support::order_change_texts;
 
 pub(crate) fn now_ms_f64() -> f64 {
@@ -148,16 +149,7 @@ fn send_paced(
                 return sent;
             };
             let key = format!("{{\"id\":{id}}}");
-            let mut record = BaseRecord::to(input).key(&key).payload(&payload);
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((_, returned)) => {
-                        record = returned;
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                }
-            }
+            send(producer, input, key.as_bytes(), payload.as_bytes());
             sent += 1;
         }
         std::thread::sleep(Duration::from_micros(500));

@@ -1,6 +1,9 @@
 //! Helpers shared by the benchmark harnesses.
 #![allow(dead_code)]
 
+pub(crate) mod kafka;
+pub(crate) mod process;
+
 /// A numeric setting from the environment, or its default.
 pub(crate) fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -11,14 +14,7 @@ pub(crate) fn env_number(name: &str, default: u64) -> u64 {
 
 /// Peak resident set size of a running process (`VmHWM`), in KiB.
 pub(crate) fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|line| line.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    process::status_kib(pid, "VmHWM")
 }
 
 const STATUSES: [&str; 4] = ["pending", "paid", "shipped", "cancelled"];

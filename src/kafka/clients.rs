@@ -46,6 +46,9 @@ pub(super) fn restore_consumer(kafka: &KafkaConfig) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "true")
+        // The restore ends on an end-of-partition signal, which takes an empty fetch; the
+        // broker holds one up to this long (librdkafka's default 500 ms, per changelog topic).
+        .set("fetch.wait.max.ms", "20")
         // A checkpoint beyond a recreated changelog must restart from its beginning, not skip
         // to its end (librdkafka's default).
         .set("auto.offset.reset", "earliest");
