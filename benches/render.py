@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import tempfile
+import textwrap
 from datetime import datetime
 from pathlib import Path
 
@@ -301,7 +302,9 @@ def render_chart(kafka, chart_path):
     ]))
     for axis in axes[:, 1]:
         axis.tick_params(labelleft=False)
-    figure.suptitle(f"Kafka benchmark, {day(kafka.get('date'))}: {machine_summary(kafka.get('machine'))}"
+    # The machine summary (CPU, kernel, rustc, java) outgrows the figure's width: wrap it.
+    title = f"Kafka benchmark, {day(kafka.get('date'))}: {machine_summary(kafka.get('machine'))}"
+    figure.suptitle("\n".join(textwrap.wrap(title, 140))
                     + (f"\n{subtitle}" if subtitle else ""), fontsize=13)
     write_atomically(chart_path, lambda temporary: figure.savefig(temporary, format="png"))
     pyplot.close(figure)
