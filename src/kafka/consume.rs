@@ -299,11 +299,12 @@ impl<S: StateStore> Worker<'_, S> {
                     .saturating_duration_since(now)
                     .clamp(Duration::from_millis(1), Duration::from_millis(100))
             };
-            match self.consumer.poll(wait) {
+            let drained = match self.consumer.poll(wait) {
                 Some(Ok(message)) => {
                     let record = raw_record(&message);
                     bytes += record_bytes(&record);
                     records.push(record);
+                    false
                 }
                 Some(Err(error)) if is_fatal_consumer_error(&error) => {
                     return Err(ServiceError::Kafka {
@@ -311,17 +312,24 @@ impl<S: StateStore> Worker<'_, S> {
                         source: error,
                     });
                 }
-                Some(Err(error)) => self.reporter.consumer_error(&error),
-                None if drain_only && !records.is_empty() => break,
-                None => {}
-            }
+                Some(Err(error)) => {
+                    self.reporter.consumer_error(&error);
+                    false
+                }
+                None => true,
+            };
             for event in self.consumer.context().take() {
                 match event {
                     AssignmentEvent::Failed(failure) => return Err(failure),
                     AssignmentEvent::Revoked(partitions) => revoked.extend(partitions),
                 }
             }
-            if !revoked.is_empty() || (now >= deadline && records.is_empty()) {
+            // Revocations a poll reported are taken before the batch closes, so the caller
+            // sees them together with the records.
+            if !revoked.is_empty()
+                || (now >= deadline && records.is_empty())
+                || (drain_only && drained && !records.is_empty())
+            {
                 break;
             }
         }
