@@ -105,7 +105,7 @@ fn bench_decode_and_process(c: &mut Criterion) {
     let pipeline = &pipelines[0].1;
     let stored = EntityState {
         version: Version::new(vec![24_023_000, 24_023_100]),
-        image: Some(row("pending", "110.00").to_string()),
+        image: Some(row("pending", "110.00").to_string().into()),
         updated_at_ms: 0,
     };
     let mut group = c.benchmark_group("decode_and_process");

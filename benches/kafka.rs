@@ -152,7 +152,8 @@ struct Bench {
     prefix: String,
     records: u64,
     entities: u64,
-    cpu: usize,
+    /// The contender's CPU; `None` runs it unpinned (`CDCFLOW_BENCH_PIN=0`).
+    cpu: Option<usize>,
     admin: AdminClient<DefaultClientContext>,
     runtime: tokio::runtime::Runtime,
     /// Configs, state and logs of the contenders; kept when the run fails.
@@ -252,7 +253,7 @@ impl Bench {
         // Created here, as the contenders would, so the probes can read them from the start.
         self.create_topics(&outputs);
         let log_file = std::fs::File::create(&log).expect("contender log");
-        let mut timed = TimedCommand::new(&program, Some(self.cpu), log.with_extension("usage"));
+        let mut timed = TimedCommand::new(&program, self.cpu, log.with_extension("usage"));
         timed
             .command()
             .args(&args)
@@ -458,7 +459,7 @@ fn main() {
         prefix: format!("bench{}.", std::process::id()),
         records,
         entities,
-        cpu: if pin { CONTENDER_CPU } else { 0 },
+        cpu: pin.then_some(CONTENDER_CPU),
         admin: ClientConfig::new()
             .set("bootstrap.servers", &bootstrap)
             .create()

@@ -18,5 +18,5 @@ pub use change::{Change, Op};
 pub use decode::{DecodeLimits, Decoded, Decoder, EnvelopeFormat, SkipReason};
 pub use error::DecodeError;
 pub use key::EntityKey;
-pub use record::{Header, Origin, RawRecord};
+pub use record::{Header, Origin, OriginRef, RawRecord};
 pub use time::{format_epoch_millis, format_epoch_nanos_local};

@@ -47,6 +47,31 @@ pub struct Origin {
 impl fmt::Display for Origin {
     /// `topic/partition/offset`, the form used in `causationid` and DLQ headers.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}/{}", self.topic, self.partition, self.offset)
+        write_origin(f, &self.topic, self.partition, self.offset)
     }
+}
+
+/// A record's [`Origin`] borrowed from it, for writing without copying the topic.
+#[derive(Debug, Clone, Copy)]
+pub struct OriginRef<'a>(&'a RawRecord);
+
+impl RawRecord {
+    pub fn origin_ref(&self) -> OriginRef<'_> {
+        OriginRef(self)
+    }
+}
+
+impl fmt::Display for OriginRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_origin(f, &self.0.topic, self.0.partition, self.0.offset)
+    }
+}
+
+fn write_origin(
+    f: &mut fmt::Formatter<'_>,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> fmt::Result {
+    write!(f, "{topic}/{partition}/{offset}")
 }

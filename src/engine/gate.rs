@@ -2,6 +2,8 @@
 
 use super::version::Version;
 
+use std::sync::Arc;
+
 /// The stored state of one entity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EntityState {
@@ -9,7 +11,8 @@ pub struct EntityState {
     pub version: Version,
     /// The last known row image as compact JSON text; `None` once the entity is deleted (a
     /// tombstone state that keeps its version, so older changes stay stale).
-    pub image: Option<String>,
+    /// Shared, not copied, by the cache, the write-behind set and the changelog record.
+    pub image: Option<Arc<str>>,
     /// Source time of the last applied change, epoch milliseconds.
     pub updated_at_ms: i64,
 }

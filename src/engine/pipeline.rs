@@ -1,5 +1,7 @@
 //! One pipeline's processing of one record: decode, gate, rules, events.
 
+use std::sync::Arc;
+
 use serde_json::{Map, Value};
 
 use super::event::{BusinessEvent, EventMode, event_id};
@@ -196,7 +198,7 @@ impl Pipeline {
                 message: error.to_string(),
             })?;
         let time = change.source_ts_ms().map(crate::cdc::format_epoch_millis);
-        let causation = record.origin().to_string();
+        let causation = record.origin_ref().to_string();
         let sequence = version.sequence();
         let entity_version = version.to_string();
         let mut outputs = Vec::with_capacity(fired.len());
@@ -240,7 +242,7 @@ impl Pipeline {
         let image = match change.op {
             Op::Delete | Op::Truncate => None,
             Op::Create | Op::Update | Op::Read => {
-                after.and_then(|row| serde_json::to_string(row).ok())
+                after.and_then(|row| serde_json::to_string(row).ok().map(Arc::from))
             }
         };
         let next_state = EntityState {

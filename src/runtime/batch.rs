@@ -347,8 +347,10 @@ impl<'p> BatchProcessor<'p> {
             let pipeline = &self.pipelines[pipeline_index].1;
             let counts = tally.pipeline(pipeline_index, pipeline.name());
             let outputs_before = outcome.outputs.len();
+            // Refusals are rare: an empty map is not worth an `Origin` (a topic copy) per record.
             let refusal = self
                 .refusals
+                .filter(|refusals| !refusals.is_empty())
                 .and_then(|refusals| refusals.get(&(pipeline_index, record.origin())));
             let dead_letter = |failure: &RecordFailure| {
                 let max_bytes = if refusal.is_some_and(|refusal| refusal.strip_dead_letter) {
@@ -463,7 +465,7 @@ mod tests {
     fn state(version: u64) -> Option<EntityState> {
         Some(EntityState {
             version: Version::new(vec![version]),
-            image: Some("{}".to_owned()),
+            image: Some("{}".into()),
             updated_at_ms: 0,
         })
     }

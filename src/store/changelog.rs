@@ -48,7 +48,7 @@ pub fn decode(bytes: &[u8]) -> Result<EntityState, ChangelogError> {
         .ok_or_else(|| ChangelogError(format!("`{}` is not a version sequence", stored.version)))?;
     let image = match stored.image.get() {
         "null" => None,
-        text => Some(text.to_owned()),
+        text => Some(text.into()),
     };
     Ok(EntityState {
         version,
@@ -64,10 +64,7 @@ mod tests {
     /// Live and deleted states survive the changelog round trip exactly.
     #[test]
     fn round_trips_live_and_deleted_states() {
-        for image in [
-            Some(r#"{"id":1,"note":"a \"quoted\" text"}"#.to_owned()),
-            None,
-        ] {
+        for image in [Some(r#"{"id":1,"note":"a \"quoted\" text"}"#.into()), None] {
             let state = EntityState {
                 version: Version::new(vec![7, 1 << 40]),
                 image,

@@ -107,7 +107,7 @@ mod tests {
             entity: "1".to_owned(),
             state: EntityState {
                 version: Version::new(vec![version, 1 << 33]),
-                image: Some(format!(r#"{{"status":"{status}"}}"#)),
+                image: Some(format!(r#"{{"status":"{status}"}}"#).into()),
                 updated_at_ms: 0,
             },
             partition: 0,

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
@@ -138,7 +139,10 @@ impl StateStore for SqliteStore {
                     })?;
                 let state = EntityState {
                     version,
-                    image: row.try_get(2).map_err(StoreError::Unavailable)?,
+                    image: row
+                        .try_get::<Option<String>, _>(2)
+                        .map_err(StoreError::Unavailable)?
+                        .map(Arc::from),
                     updated_at_ms: row.try_get(3).map_err(StoreError::Unavailable)?,
                 };
                 states.insert(entity, state);
@@ -204,7 +208,7 @@ impl StateStore for SqliteStore {
                 row.push_bind(write.pipeline.clone())
                     .push_bind(write.entity.clone())
                     .push_bind(write.state.version.sequence())
-                    .push_bind(write.state.image.clone())
+                    .push_bind(write.state.image.as_deref().map(str::to_owned))
                     .push_bind(write.state.updated_at_ms);
             });
             // Versions are fixed-width hex sequences, so text order is version order. A write

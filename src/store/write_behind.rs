@@ -139,7 +139,7 @@ mod tests {
             entity: entity.to_owned(),
             state: EntityState {
                 version: Version::new(vec![version]),
-                image: Some(format!(r#"{{"v":{version}}}"#)),
+                image: Some(format!(r#"{{"v":{version}}}"#).into()),
                 updated_at_ms: 0,
             },
             partition: 0,
