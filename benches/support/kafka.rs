@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -95,6 +95,34 @@ pub(crate) fn create_topics(
         .expect("create topics")
     {
         result.expect("topic created");
+    }
+    await_topics(admin, names, partitions);
+}
+
+/// Waits until the broker's metadata shows every partition of `names`: creation returns once
+/// the controller has them, and a client that checks its topics at once (cdcflow does, at
+/// start) could otherwise be told one does not exist.
+fn await_topics(admin: &AdminClient<DefaultClientContext>, names: &[String], partitions: i32) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for name in names {
+        loop {
+            let visible = admin
+                .inner()
+                .fetch_metadata(Some(name), Duration::from_secs(5))
+                .is_ok_and(|metadata| {
+                    metadata.topics().iter().any(|topic| {
+                        topic.error().is_none() && topic.partitions().len() == partitions as usize
+                    })
+                });
+            if visible {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "topic `{name}` not visible 30 s after creation"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
