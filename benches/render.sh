@@ -14,37 +14,20 @@ TOOLS="${CDCFLOW_TOOLS_DIR:-$HOME/.cache/cdcflow/tools}"
 VENV="$TOOLS/bench-venv"
 REQUIREMENTS="$ROOT/benches/requirements.txt"
 
+log() { printf 'render.sh: %s\n' "$*" >&2; }
 die() {
-    printf 'render.sh: error: %s\n' "$*" >&2
+    log "error: $*"
     exit 1
 }
-
-ensure_venv() {
-    local python want
-    python="$(command -v python3)" || die "python3 is missing (apt-get install python3 python3-venv)"
-    "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
-        die "Python 3.11 or newer is needed; found $("$python" --version 2>&1)"
-    want="$("$python" --version 2>&1) $(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)"
-    if [[ -x "$VENV/bin/python" && "$(cat "$VENV/.cdcflow-stamp" 2>/dev/null)" == "$want" ]]; then
-        return 0
-    fi
-    printf 'render.sh: installing matplotlib into %s (%s)\n' "$VENV" "${REQUIREMENTS#"$ROOT"/}" >&2
-    rm -rf -- "$VENV"
-    mkdir -p "$TOOLS"
-    "$python" -m venv "$VENV" ||
-        die "python3 -m venv $VENV failed (apt-get install python3-venv, or set CDCFLOW_TOOLS_DIR to a writable directory)"
-    # Wheels only: building numpy from source on a 2-core machine is not worth a silent half hour.
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-input --only-binary=:all: \
-        -r "$REQUIREMENTS" >&2 ||
-        die "pip install -r $REQUIREMENTS failed (PyPI unreachable, or no wheel for $("$python" --version 2>&1)?)"
-    printf '%s\n' "$want" >"$VENV/.cdcflow-stamp"
-}
+# shellcheck source=tests/common/python-venv.sh
+source "$ROOT/tests/common/python-venv.sh"
 
 # Same rule as the Rust benches, which run with the repo root as working directory.
 results="${CDCFLOW_BENCH_RESULTS:-target/bench}"
 [[ "$results" == /* ]] || results="$ROOT/$results"
 
-ensure_venv
+# Wheels only: building numpy from source on a 2-core machine is not worth a silent half hour.
+ensure_python_venv "$VENV" "$REQUIREMENTS" --only-binary=:all:
 # The defaults come first so that the caller's options override them; the caller's relative
 # paths stay relative to the caller's working directory.
 exec "$VENV/bin/python" "$ROOT/benches/render.py" \

