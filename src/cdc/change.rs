@@ -1,5 +1,7 @@
 //! The decoded row change.
 
+use std::sync::Arc;
+
 use serde_json::{Map, Value};
 
 use super::key::EntityKey;
@@ -55,6 +57,9 @@ pub struct Change {
     pub key: EntityKey,
     pub before: Option<Map<String, Value>>,
     pub after: Option<Map<String, Value>>,
+    /// `after` as the record's own JSON text, when it needed no conversion (no Connect
+    /// schema): the entity's next stored image, without serialising the map again.
+    pub after_json: Option<Arc<str>>,
     /// The `source` block (for the flattened form, rebuilt from the `__source_*` fields).
     pub source: Map<String, Value>,
     /// Envelope `ts_ms` (when Debezium processed the change), if present.
@@ -83,9 +88,13 @@ impl Change {
     }
 }
 
+/// The `source` fields a change reads for itself: its commit time and transaction id.
+pub const CHANGE_SOURCE_FIELDS: [&str; 5] = ["ts_ms", "txId", "gtid", "xid", "txid"];
+const TRANSACTION_ID_FIELDS: [&str; 4] = ["txId", "gtid", "xid", "txid"];
+
 /// The transaction id a connector puts in its `source` block, if any.
 pub(crate) fn source_transaction_id(source: &Map<String, Value>) -> Option<String> {
-    ["txId", "gtid", "xid", "txid"]
+    TRANSACTION_ID_FIELDS
         .iter()
         .find_map(|name| source.get(*name))
         .and_then(scalar_text)

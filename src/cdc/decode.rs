@@ -18,15 +18,17 @@
 use std::sync::Arc;
 
 use serde::Deserialize;
+use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::change::{Change, Op, source_transaction_id};
-use super::error::{DecodeError, json_type_name};
+use super::error::{DecodeError, json_type_name, raw_type_name};
 use super::key::EntityKey;
 use super::logical::{convert_row, field_schema};
 use super::record::RawRecord;
 use super::schema_cache::SchemaCache;
+use super::shallow::{FieldSelection, ShallowObject, selected_fields};
 
 const SCHEMA: &str = "schema";
 const PAYLOAD: &str = "payload";
@@ -106,6 +108,9 @@ pub struct Decoder {
     pub format: EnvelopeFormat,
     /// Row fields that identify the entity when a record has no key.
     pub key_fields: Vec<String>,
+    /// The `source` fields a change keeps: what the version, the transaction id and the
+    /// rules read. The others are skipped unparsed.
+    pub source_fields: FieldSelection,
     schemas: SchemaCache,
 }
 
@@ -115,18 +120,10 @@ impl Decoder {
             limits,
             format,
             key_fields,
+            source_fields: FieldSelection::All,
             schemas: SchemaCache::default(),
         }
     }
-}
-
-/// The JsonConverter wrapper with its schema left unparsed, to be looked up in the cache.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Wrapped<'a> {
-    #[serde(borrow)]
-    schema: Option<&'a RawValue>,
-    payload: Value,
 }
 
 impl Decoder {
@@ -141,28 +138,21 @@ impl Decoder {
         let Some(value_bytes) = record.value.as_deref().filter(|bytes| !bytes.is_empty()) else {
             return Ok(Decoded::Skip(SkipReason::Tombstone));
         };
-        let (payload, schema) = match self.parse("value", value_bytes)? {
-            (Value::Null, _) => return Ok(Decoded::Skip(SkipReason::Tombstone)),
-            (Value::Object(payload), schema) => (payload, schema),
-            (other, _) => {
-                return Err(DecodeError::WrongType {
-                    field: PAYLOAD.to_owned(),
-                    expected: "object",
-                    found: json_type_name(&other),
-                });
-            }
+        let text = self.checked_text("value", value_bytes)?;
+        let Some((payload, schema)) = self.split_value(text)? else {
+            return Ok(Decoded::Skip(SkipReason::Tombstone));
         };
         let flattened = match self.format {
             EnvelopeFormat::Envelope => false,
             EnvelopeFormat::Flattened => true,
             EnvelopeFormat::Auto => {
-                !payload.contains_key(OP) && payload.keys().any(|k| k.starts_with(FLAT_PREFIX))
+                !payload.contains(OP) && payload.names().any(|k| k.starts_with(FLAT_PREFIX))
             }
         };
         let body = if flattened {
             flattened_body(payload, schema.as_deref())?
         } else {
-            match envelope_body(payload, schema.as_deref())? {
+            match envelope_body(&payload, schema.as_deref(), &self.source_fields)? {
                 Some(body) => body,
                 None => return Ok(Decoded::Skip(SkipReason::LogicalMessage)),
             }
@@ -176,6 +166,7 @@ impl Decoder {
             key,
             before: body.before,
             after: body.after,
+            after_json: body.after_json.map(Arc::from),
             source: body.source,
             envelope_ts_ms: body.ts_ms,
             transaction_id,
@@ -187,7 +178,7 @@ impl Decoder {
             return Ok(EntityKey::table());
         }
         if let Some(bytes) = record.key.as_deref().filter(|bytes| !bytes.is_empty()) {
-            let (mut key, schema) = self.parse("key", bytes)?;
+            let (mut key, schema) = self.parse_key(bytes)?;
             if let (Value::Object(fields), Some(schema)) = (&mut key, schema.as_deref()) {
                 convert_row(fields, schema, "key")?;
             }
@@ -205,12 +196,12 @@ impl Decoder {
             })
     }
 
-    /// Parses a key or value, splitting off the JsonConverter schema when it is there.
-    fn parse(
+    /// The bytes as text, within the nesting limit.
+    fn checked_text<'b>(
         &self,
         part: &'static str,
-        bytes: &[u8],
-    ) -> Result<(Value, Option<Arc<Value>>), DecodeError> {
+        bytes: &'b [u8],
+    ) -> Result<&'b str, DecodeError> {
         let text = std::str::from_utf8(bytes).map_err(|error| DecodeError::NotUtf8 {
             part,
             valid_up_to: error.valid_up_to(),
@@ -224,37 +215,83 @@ impl Decoder {
                 limit: self.limits.max_nesting_depth,
             });
         }
-        if let Some(parsed) = self.parse_after_recent_schema(text) {
-            return Ok(parsed);
+        Ok(text)
+    }
+
+    /// The value's payload read one level deep, with the JsonConverter schema when the value
+    /// is wrapped; `None` for a JSON null.
+    fn split_value<'t>(&self, text: &'t str) -> Result<Option<WrappedPayload<'t>>, DecodeError> {
+        if let Some((payload, schema)) = self.payload_after_recent_schema(text)
+            && let Ok(payload) = serde_json::from_str::<ShallowObject<'_>>(payload)
+        {
+            return Ok(Some((payload, Some(schema))));
         }
-        // Only a value that opens with one of the wrapper's two fields is worth the borrowed
-        // fast path; anything that is not exactly {schema, payload} parses as plain JSON.
+        let Some(top) = shallow_payload(text, text)? else {
+            return Ok(None);
+        };
+        let Some(payload) = top.get(PAYLOAD).filter(|_| is_wrapper(&top)) else {
+            return Ok(Some((top, None)));
+        };
+        let schema = self.cached_schema("value", top.get(SCHEMA))?;
+        Ok(shallow_payload(payload.get(), text)?.map(|payload| (payload, schema)))
+    }
+
+    fn cached_schema(
+        &self,
+        part: &'static str,
+        raw: Option<&RawValue>,
+    ) -> Result<Option<Arc<Value>>, DecodeError> {
+        raw.filter(|raw| raw.get() != "null")
+            .map(|raw| {
+                self.schemas
+                    .get(raw.get())
+                    .map_err(|error| classify_json_error(part, &error))
+            })
+            .transpose()
+    }
+
+    /// Parses a key, splitting off the JsonConverter schema when it is there.
+    fn parse_key(&self, bytes: &[u8]) -> Result<(Value, Option<Arc<Value>>), DecodeError> {
+        const PART: &str = "key";
+        let text = self.checked_text(PART, bytes)?;
+        if let Some((payload, schema)) = self.payload_after_recent_schema(text)
+            && let Ok(payload) = serde_json::from_str(payload)
+        {
+            return Ok((payload, Some(schema)));
+        }
         let opening = text.trim_start();
         if (opening.starts_with("{\"schema\"") || opening.starts_with("{\"payload\""))
-            && let Ok(wrapped) = serde_json::from_str::<Wrapped<'_>>(text)
+            && let Ok(wrapped) = serde_json::from_str::<WrappedKey<'_>>(text)
         {
-            let schema = match wrapped.schema.filter(|raw| raw.get() != "null") {
-                Some(raw) => Some(
-                    self.schemas
-                        .get(raw.get())
-                        .map_err(|error| classify_json_error(part, &error))?,
-                ),
-                None => None,
-            };
-            return Ok((wrapped.payload, schema));
+            return Ok((wrapped.payload, self.cached_schema(PART, wrapped.schema)?));
         }
         let value =
-            serde_json::from_str(text).map_err(|error| classify_json_error(part, &error))?;
-        let (value, schema) = unwrap_schema(value);
-        Ok((value, schema.map(Arc::new)))
+            serde_json::from_str(text).map_err(|error| classify_json_error(PART, &error))?;
+        match value {
+            Value::Object(mut map)
+                if !map.is_empty()
+                    && map.contains_key(PAYLOAD)
+                    && map.keys().all(|name| name == SCHEMA || name == PAYLOAD) =>
+            {
+                let schema = match map.remove(SCHEMA).filter(|schema| !schema.is_null()) {
+                    Some(schema) => Some(
+                        self.schemas
+                            .get(&schema.to_string())
+                            .map_err(|error| classify_json_error(PART, &error))?,
+                    ),
+                    None => None,
+                };
+                Ok((map.remove(PAYLOAD).unwrap_or(Value::Null), schema))
+            }
+            other => Ok((other, None)),
+        }
     }
-}
 
-impl Decoder {
-    /// The wrapper as the JsonConverter writes it (`{"schema":S,"payload":P}`, compact) whose
-    /// schema S is one seen recently: only P is parsed. `None` sends the text the general way,
-    /// which also words any error.
-    fn parse_after_recent_schema(&self, text: &str) -> Option<(Value, Option<Arc<Value>>)> {
+    /// The payload text of the wrapper as the JsonConverter writes it
+    /// (`{"schema":S,"payload":P}`, compact) whose schema S is one seen recently, found by
+    /// comparing bytes instead of scanning S. `None` sends the text the general way, which
+    /// also words any error.
+    fn payload_after_recent_schema<'t>(&self, text: &'t str) -> Option<(&'t str, Arc<Value>)> {
         const OPENING: &str = "{\"schema\":";
         const BETWEEN: &str = ",\"payload\":";
         let rest = text.strip_prefix(OPENING)?;
@@ -263,8 +300,51 @@ impl Decoder {
             .strip_prefix(BETWEEN)?
             .trim_end()
             .strip_suffix('}')?;
-        let payload = serde_json::from_str(payload).ok()?;
-        Some((payload, Some(schema)))
+        Some((payload, schema))
+    }
+}
+
+/// A value's payload fields, with the Connect schema that describes them when there is one.
+type WrappedPayload<'t> = (ShallowObject<'t>, Option<Arc<Value>>);
+
+/// A key in the JsonConverter's wrapper, its schema left unparsed to be looked up in the cache.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WrappedKey<'a> {
+    #[serde(borrow)]
+    schema: Option<&'a RawValue>,
+    payload: Value,
+}
+
+/// `{"schema": S, "payload": P}` or `{"payload": P}`: the JsonConverter's wrapper.
+fn is_wrapper(object: &ShallowObject<'_>) -> bool {
+    object.contains(PAYLOAD) && object.names().all(|name| name == SCHEMA || name == PAYLOAD)
+}
+
+/// A payload's fields; `None` for JSON null, an error for anything but an object. `whole` is
+/// the record's text, parsed again only to word an error by its position in the record.
+fn shallow_payload<'t>(
+    text: &'t str,
+    whole: &str,
+) -> Result<Option<ShallowObject<'t>>, DecodeError> {
+    if text.trim_start().starts_with('{') {
+        return match serde_json::from_str(text) {
+            Ok(object) => Ok(Some(object)),
+            Err(error) => Err(classify_json_error(
+                "value",
+                &serde_json::from_str::<IgnoredAny>(whole)
+                    .err()
+                    .unwrap_or(error),
+            )),
+        };
+    }
+    match serde_json::from_str(text).map_err(|error| classify_json_error("value", &error))? {
+        Value::Null => Ok(None),
+        other => Err(DecodeError::WrongType {
+            field: PAYLOAD.to_owned(),
+            expected: "object",
+            found: json_type_name(&other),
+        }),
     }
 }
 
@@ -318,70 +398,62 @@ fn exceeds_depth(bytes: &[u8], limit: usize) -> bool {
     false
 }
 
-/// Splits the JsonConverter wrapper `{"schema": ..., "payload": ...}` when present.
-fn unwrap_schema(value: Value) -> (Value, Option<Value>) {
-    match value {
-        Value::Object(mut map)
-            if map.len() == 2 && map.contains_key(SCHEMA) && map.contains_key(PAYLOAD) =>
-        {
-            let schema = map.remove(SCHEMA).filter(|schema| !schema.is_null());
-            let payload = map.remove(PAYLOAD).unwrap_or(Value::Null);
-            (payload, schema)
-        }
-        other => (other, None),
-    }
-}
-
 /// The decoded parts of a value, before the key is attached.
-struct Body {
+struct Body<'t> {
     op: Op,
     before: Option<Map<String, Value>>,
     after: Option<Map<String, Value>>,
+    /// The `after` object's own text, when it needed no conversion.
+    after_json: Option<&'t str>,
     source: Map<String, Value>,
     ts_ms: Option<i64>,
     transaction_id: Option<String>,
 }
 
 /// Decodes the standard envelope; `None` for a logical decoding message.
-fn envelope_body(
-    mut payload: Map<String, Value>,
+fn envelope_body<'t>(
+    payload: &ShallowObject<'t>,
     schema: Option<&Value>,
-) -> Result<Option<Body>, DecodeError> {
-    let op = match payload.get(OP) {
-        None | Some(Value::Null) => {
-            return Err(DecodeError::MissingField {
-                field: OP.to_owned(),
-            });
-        }
-        Some(Value::String(code)) if code == Op::MESSAGE => return Ok(None),
-        Some(Value::String(code)) => {
-            Op::from_code(code).ok_or_else(|| DecodeError::UnknownOp { op: code.clone() })?
-        }
-        Some(other) => return Err(wrong_type(OP, "string", other)),
+    source_fields: &FieldSelection,
+) -> Result<Option<Body<'t>>, DecodeError> {
+    let Some(op) = envelope_op(payload.get(OP))? else {
+        return Ok(None);
     };
-    let mut before = take_row(&mut payload, BEFORE)?;
-    let mut after = take_row(&mut payload, AFTER)?;
+    let mut before = row(payload.get(BEFORE), BEFORE)?;
+    let mut after = row(payload.get(AFTER), AFTER)?;
     if matches!(op, Op::Create | Op::Update | Op::Read) && after.is_none() {
         return Err(DecodeError::MissingField {
             field: AFTER.to_owned(),
         });
     }
+    let mut after_json = payload.get(AFTER).map(RawValue::get);
     if let Some(schema) = schema {
+        after_json = None;
         for (name, row) in [(BEFORE, &mut before), (AFTER, &mut after)] {
             if let (Some(row), Some(row_schema)) = (row.as_mut(), field_schema(schema, name)) {
                 convert_row(row, row_schema, name)?;
             }
         }
     }
-    let source = take_row(&mut payload, SOURCE)?.unwrap_or_default();
-    let ts_ms = optional_i64(&payload, TS_MS)?;
+    let source = match payload.get(SOURCE).filter(|raw| raw.get() != "null") {
+        None => Map::new(),
+        Some(raw) if raw.get().starts_with('{') => selected_fields(raw.get(), source_fields)
+            .map_err(|error| field_error(SOURCE, &error))?,
+        Some(raw) => return Err(wrong_raw_type(SOURCE, "object or null", raw)),
+    };
+    let ts_ms = optional_i64(payload.get(TS_MS), TS_MS)?;
     let transaction_id = match payload.get(TRANSACTION) {
-        Some(Value::Object(block)) => block.get("id").and_then(super::change::scalar_text),
+        Some(raw) if raw.get().starts_with('{') => {
+            let block: Map<String, Value> = serde_json::from_str(raw.get())
+                .map_err(|error| field_error(TRANSACTION, &error))?;
+            block.get("id").and_then(super::change::scalar_text)
+        }
         _ => None,
     };
     Ok(Some(Body {
         op,
         before,
+        after_json: after_json.filter(|_| after.is_some()),
         after,
         source,
         ts_ms,
@@ -389,17 +461,43 @@ fn envelope_body(
     }))
 }
 
+/// The envelope's `op`; `None` for a logical decoding message.
+fn envelope_op(raw: Option<&RawValue>) -> Result<Option<Op>, DecodeError> {
+    let missing = || DecodeError::MissingField {
+        field: OP.to_owned(),
+    };
+    let raw = raw.ok_or_else(missing)?;
+    // The one-letter codes as Debezium writes them, without building a string.
+    if let Some(op) = raw
+        .get()
+        .strip_prefix('"')
+        .and_then(|text| text.strip_suffix('"'))
+        .and_then(Op::from_code)
+    {
+        return Ok(Some(op));
+    }
+    match parse_field(raw, OP)? {
+        Value::Null => Err(missing()),
+        Value::String(code) if code == Op::MESSAGE => Ok(None),
+        Value::String(code) => Op::from_code(&code)
+            .map(Some)
+            .ok_or(DecodeError::UnknownOp { op: code }),
+        other => Err(wrong_type(OP, "string", &other)),
+    }
+}
+
 /// Decodes the flattened "new record state" form: the row plus `__`-prefixed metadata.
-fn flattened_body(
-    payload: Map<String, Value>,
+fn flattened_body<'t>(
+    payload: ShallowObject<'t>,
     schema: Option<&Value>,
-) -> Result<Body, DecodeError> {
+) -> Result<Body<'t>, DecodeError> {
     let mut row = Map::new();
     let mut source = Map::new();
     let mut op_code = None;
     let mut deleted = false;
     let mut ts_ms = None;
-    for (name, value) in payload {
+    for (name, raw) in payload.into_fields() {
+        let value = parse_field(raw, &name)?;
         if name == FLAT_OP {
             match value {
                 Value::String(code) => op_code = Some(code),
@@ -421,7 +519,7 @@ fn flattened_body(
             // `add.fields=table,lsn` names source fields without the `source_` prefix.
             source.entry(field.to_owned()).or_insert(value);
         } else {
-            row.insert(name, value);
+            row.insert(name.into_owned(), value);
         }
     }
     if let Some(schema) = schema {
@@ -446,31 +544,61 @@ fn flattened_body(
         op,
         before,
         after,
+        after_json: None,
         source,
         ts_ms,
         transaction_id: None,
     })
 }
 
-fn take_row(
-    payload: &mut Map<String, Value>,
-    field: &str,
-) -> Result<Option<Map<String, Value>>, DecodeError> {
-    match payload.remove(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Object(row)) => Ok(Some(row)),
-        Some(other) => Err(wrong_type(field, "object or null", &other)),
+/// One field's value, parsed. Its syntax was checked with the whole record, so what can fail
+/// here is the nesting limit.
+fn parse_field(raw: &RawValue, field: &str) -> Result<Value, DecodeError> {
+    serde_json::from_str(raw.get()).map_err(|error| field_error(field, &error))
+}
+
+fn field_error(field: &str, error: &serde_json::Error) -> DecodeError {
+    match classify_json_error("value", error) {
+        DecodeError::Malformed { part, detail } => DecodeError::Malformed {
+            part,
+            detail: format!("in field `{field}`: {detail}"),
+        },
+        other => other,
     }
 }
 
-fn optional_i64(payload: &Map<String, Value>, field: &str) -> Result<Option<i64>, DecodeError> {
-    match payload.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        // Debezium's documentation shows some integers as numeric text; accept both.
-        Some(value) => integer_or_numeric_text(value)
+/// A row image: an object, or `None` for null or absent.
+fn row(raw: Option<&RawValue>, field: &str) -> Result<Option<Map<String, Value>>, DecodeError> {
+    match raw {
+        None => Ok(None),
+        Some(raw) if raw.get() == "null" => Ok(None),
+        Some(raw) if raw.get().starts_with('{') => serde_json::from_str(raw.get())
             .map(Some)
-            .ok_or_else(|| wrong_type(field, "integer", value)),
+            .map_err(|error| field_error(field, &error)),
+        Some(raw) => Err(wrong_raw_type(field, "object or null", raw)),
     }
+}
+
+fn wrong_raw_type(field: &str, expected: &'static str, found: &RawValue) -> DecodeError {
+    DecodeError::WrongType {
+        field: field.to_owned(),
+        expected,
+        found: raw_type_name(found),
+    }
+}
+
+fn optional_i64(raw: Option<&RawValue>, field: &str) -> Result<Option<i64>, DecodeError> {
+    let Some(raw) = raw.filter(|raw| raw.get() != "null") else {
+        return Ok(None);
+    };
+    if let Ok(number) = raw.get().parse() {
+        return Ok(Some(number));
+    }
+    // Debezium's documentation shows some integers as numeric text; accept both.
+    let value = parse_field(raw, field)?;
+    integer_or_numeric_text(&value)
+        .map(Some)
+        .ok_or_else(|| wrong_type(field, "integer", &value))
 }
 
 fn wrong_type(field: &str, expected: &'static str, found: &Value) -> DecodeError {

@@ -69,3 +69,15 @@ pub(crate) fn json_type_name(value: &serde_json::Value) -> &'static str {
         serde_json::Value::Object(_) => "object",
     }
 }
+
+/// The JSON type name of an unparsed value, from its first character.
+pub(crate) fn raw_type_name(value: &serde_json::value::RawValue) -> &'static str {
+    match value.get().as_bytes().first() {
+        Some(b'{') => "object",
+        Some(b'[') => "array",
+        Some(b'"') => "string",
+        Some(b't' | b'f') => "boolean",
+        Some(b'n') => "null",
+        _ => "number",
+    }
+}

@@ -12,11 +12,13 @@ mod key;
 mod logical;
 mod record;
 mod schema_cache;
+mod shallow;
 mod time;
 
-pub use change::{Change, Op};
+pub use change::{CHANGE_SOURCE_FIELDS, Change, Op};
 pub use decode::{DecodeLimits, Decoded, Decoder, EnvelopeFormat, SkipReason};
 pub use error::DecodeError;
 pub use key::EntityKey;
 pub use record::{Header, Origin, OriginRef, RawRecord};
+pub use shallow::{FieldSelection, selected_fields};
 pub use time::{format_epoch_millis, format_epoch_nanos_local};

@@ -13,9 +13,10 @@ use std::path::Path;
 use regex::Regex;
 use thiserror::Error;
 
-use crate::cdc::Decoder;
+use crate::cdc::{CHANGE_SOURCE_FIELDS, Decoder, FieldSelection};
 use crate::engine::{
     CompiledRules, Pipeline, PipelineSettings, RuleCompileError, UnavailablePlaceholder,
+    VERSION_SOURCE_FIELDS,
 };
 
 pub use model::{
@@ -348,13 +349,15 @@ impl Config {
                         .transpose()
                         .map_err(|error| invalid("topic_pattern", error.to_string()))?,
                 };
+                let mut decoder = Decoder::new(
+                    self.limits.to_decode_limits(),
+                    pipeline.format.to_format(),
+                    pipeline.key_fields.clone(),
+                );
+                decoder.source_fields = source_fields_read(&rules);
                 let settings = PipelineSettings {
                     name: pipeline.name.clone(),
-                    decoder: Decoder::new(
-                        self.limits.to_decode_limits(),
-                        pipeline.format.to_format(),
-                        pipeline.key_fields.clone(),
-                    ),
+                    decoder,
                     version: pipeline.version.to_spec(),
                     rules,
                     dlq_topic: pipeline.dlq_topic(),
@@ -371,6 +374,25 @@ impl Config {
                 Ok((route, Pipeline::new(settings)))
             })
             .collect()
+    }
+}
+
+/// The `source` fields a pipeline's changes keep: those its version, its events and its
+/// rules read.
+fn source_fields_read(rules: &CompiledRules) -> FieldSelection {
+    match rules.source_fields_read() {
+        None => FieldSelection::All,
+        Some(mut fields) => {
+            fields.extend(
+                VERSION_SOURCE_FIELDS
+                    .iter()
+                    .chain(&CHANGE_SOURCE_FIELDS)
+                    .map(|name| (*name).to_owned()),
+            );
+            fields.sort();
+            fields.dedup();
+            FieldSelection::Only(fields)
+        }
     }
 }
 

@@ -20,4 +20,6 @@ pub use output::{OutputKind, OutputRecord, headers as output_headers};
 pub use pipeline::{Applied, DecodeOutcome, Pipeline, PipelineSettings};
 pub use rules::{CompiledRules, PayloadSpec, RuleCompileError, RuleError, RuleInput, RuleSpec};
 pub use unavailable::{DEFAULT_PLACEHOLDER, UnavailablePlaceholder};
-pub use version::{Connector, Version, VersionError, VersionSource, VersionSpec};
+pub use version::{
+    Connector, VERSION_SOURCE_FIELDS, Version, VersionError, VersionSource, VersionSpec,
+};

@@ -11,7 +11,9 @@ use super::output::{self, DroppedChange, OutputRecord};
 use super::rules::{CompiledRules, RuleInput};
 use super::unavailable::UnavailablePlaceholder;
 use super::version::{Version, VersionSpec};
-use crate::cdc::{Change, Decoded, Decoder, Op, RawRecord, SkipReason};
+use crate::cdc::{
+    Change, Decoded, Decoder, FieldSelection, Op, RawRecord, SkipReason, selected_fields,
+};
 
 /// Everything a pipeline needs, compiled from the config.
 #[derive(Debug)]
@@ -37,6 +39,9 @@ pub struct PipelineSettings {
 #[derive(Debug)]
 pub struct Pipeline {
     settings: PipelineSettings,
+    /// The stored image's fields the rules read, parsed alone when no placeholder needs the
+    /// rest.
+    previous_fields: FieldSelection,
 }
 
 /// The first step for a record.
@@ -66,7 +71,14 @@ const VERSIONLESS_DELETE: [u64; 2] = [0, 1];
 
 impl Pipeline {
     pub fn new(settings: PipelineSettings) -> Pipeline {
-        Pipeline { settings }
+        let previous_fields = settings
+            .rules
+            .previous_fields_read()
+            .map_or(FieldSelection::All, FieldSelection::Only);
+        Pipeline {
+            settings,
+            previous_fields,
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -151,8 +163,9 @@ impl Pipeline {
         };
         let needs_fill = holds_placeholder(&change.after) || holds_placeholder(&change.before);
         let previous = match stored.and_then(|state| state.image.as_deref()) {
-            Some(image) if needs_fill || settings.rules.reads_previous() => {
-                Some(parse_stored_image(image)?)
+            Some(image) if needs_fill => Some(parse_stored_image(image, &FieldSelection::All)?),
+            Some(image) if settings.rules.reads_previous() => {
+                Some(parse_stored_image(image, &self.previous_fields)?)
             }
             _ => None,
         };
@@ -241,9 +254,10 @@ impl Pipeline {
         }
         let image = match change.op {
             Op::Delete | Op::Truncate => None,
-            Op::Create | Op::Update | Op::Read => {
-                after.and_then(|row| serde_json::to_string(row).ok().map(Arc::from))
-            }
+            Op::Create | Op::Update | Op::Read => match &change.after_json {
+                Some(text) if !needs_fill => Some(Arc::clone(text)),
+                _ => after.and_then(|row| serde_json::to_string(row).ok().map(Arc::from)),
+            },
         };
         let next_state = EntityState {
             version: version.clone(),
@@ -289,8 +303,11 @@ impl Pipeline {
     }
 }
 
-fn parse_stored_image(image: &str) -> Result<Map<String, Value>, RecordFailure> {
-    serde_json::from_str(image).map_err(|error| RecordFailure {
+fn parse_stored_image(
+    image: &str,
+    fields: &FieldSelection,
+) -> Result<Map<String, Value>, RecordFailure> {
+    selected_fields(image, fields).map_err(|error| RecordFailure {
         stage: Stage::State,
         reason: "corrupt_state",
         message: format!("the stored image of this entity is not a JSON object: {error}"),

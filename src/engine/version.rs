@@ -101,6 +101,22 @@ pub enum VersionSource {
     TsMs,
 }
 
+/// Every `source` field a version is read from, for any connector.
+pub const VERSION_SOURCE_FIELDS: [&str; 12] = [
+    "connector",
+    "ts_ms",
+    "lsn",
+    "sequence",
+    "file",
+    "pos",
+    "row",
+    "commit_lsn",
+    "change_lsn",
+    "event_serial_no",
+    "scn",
+    "ssn",
+];
+
 /// How a pipeline computes versions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VersionSpec {

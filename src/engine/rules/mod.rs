@@ -208,6 +208,35 @@ impl CompiledRules {
     }
 
     /// Evaluates every rule; returns those that fired, in declaration order.
+    /// The fields of the stored image the rules read (as `previous`, `old` or through
+    /// `changed`); `None` when they read it as a whole.
+    pub fn previous_fields_read(&self) -> Option<Vec<String>> {
+        let mut fields = Vec::new();
+        for name in ["previous", "old", "changed"] {
+            match &self.conversions[index_of(name)] {
+                Conversion::Unused => {}
+                Conversion::Fields(read) if name != "changed" => {
+                    fields.extend(read.iter().map(|(field, _)| field.clone()));
+                }
+                _ => return None,
+            }
+        }
+        fields.sort();
+        fields.dedup();
+        Some(fields)
+    }
+
+    /// The `source` fields the rules read; `None` when they read the block as a whole.
+    pub fn source_fields_read(&self) -> Option<Vec<String>> {
+        match &self.conversions[index_of("source")] {
+            Conversion::Unused => Some(Vec::new()),
+            Conversion::Fields(fields) => {
+                Some(fields.iter().map(|(name, _)| name.clone()).collect())
+            }
+            Conversion::Whole => None,
+        }
+    }
+
     pub fn evaluate(&self, input: &RuleInput<'_>) -> Result<Vec<Fired<'_>>, RuleError> {
         if self.rules.is_empty() {
             return Ok(Vec::new());
