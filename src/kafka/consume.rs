@@ -78,6 +78,9 @@ pub(super) struct Worker<'a, S: StateStore> {
     /// Failed attempts in a row, counted or not: they set the backoff.
     pub failures: u32,
     pub jitter: Jitter,
+    /// When the last batch began to collect: batches start at most once per
+    /// `batch_max_wait`, like Kafka Streams' `commit.interval.ms`.
+    pub last_batch_start: Option<Instant>,
 }
 
 impl<S: StateStore> Worker<'_, S> {
@@ -279,8 +282,21 @@ impl<S: StateStore> Worker<'_, S> {
     /// batch pays a commit of a few broker round trips.
     fn collect_batch(&mut self) -> Result<Collected, ServiceError> {
         let kafka = &self.options.kafka;
-        let drain_only = kafka.delivery == DeliveryConfig::AtLeastOnce;
-        let deadline = Instant::now() + kafka.batch_max_wait;
+        let started = Instant::now();
+        // Exactly-once batches close on a cadence of one per batch_max_wait, counted from the
+        // previous batch's start: processing and committing a batch use up its wait instead of
+        // adding to it. A batch that starts late (its predecessor took longer than the wait)
+        // takes what is already fetched and closes, so a backlog is worked off in batches as
+        // large as under load, never one wait per batch. At-least-once always drains.
+        let behind = self
+            .last_batch_start
+            .is_some_and(|previous| started >= previous + kafka.batch_max_wait);
+        let deadline = match self.last_batch_start {
+            Some(previous) if !behind => previous + kafka.batch_max_wait,
+            _ => started + kafka.batch_max_wait,
+        };
+        self.last_batch_start = Some(started);
+        let drain_only = kafka.delivery == DeliveryConfig::AtLeastOnce || behind;
         let mut records = Vec::new();
         let mut bytes = 0usize;
         let mut revoked = Vec::new();

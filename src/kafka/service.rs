@@ -137,6 +137,7 @@ pub fn run_service<S: StateStore>(
         refusals: Refusals::new(),
         tally: Tally::default(),
         last_report: Instant::now(),
+        last_batch_start: None,
         attempts: 0,
         failures: 0,
         jitter: Jitter::new(),
