@@ -8,6 +8,8 @@
 //! `image` is null for a deleted entity (the tombstone state keeps its version; a Kafka
 //! tombstone would lose it).
 
+use std::io::Write;
+
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use thiserror::Error;
@@ -22,13 +24,17 @@ pub struct ChangelogError(String);
 /// The changelog value of a state. The image is embedded as JSON, not as escaped text.
 pub fn encode(state: &EntityState) -> Vec<u8> {
     let image = state.image.as_deref().unwrap_or("null");
-    format!(
-        r#"{{"version":"{}","updated_at_ms":{},"image":{}}}"#,
-        state.version.sequence(),
-        state.updated_at_ms,
-        image
-    )
-    .into_bytes()
+    let version = state.version.sequence();
+    let mut value = Vec::with_capacity(48 + version.len() + image.len());
+    value.extend_from_slice(b"{\"version\":\"");
+    value.extend_from_slice(version.as_bytes());
+    value.extend_from_slice(b"\",\"updated_at_ms\":");
+    // Writing into a Vec cannot fail.
+    let _ = write!(value, "{}", state.updated_at_ms);
+    value.extend_from_slice(b",\"image\":");
+    value.extend_from_slice(image.as_bytes());
+    value.push(b'}');
+    value
 }
 
 #[derive(Deserialize)]
