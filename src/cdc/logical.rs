@@ -10,6 +10,8 @@
 //!  "field":"created_at"}
 //! ```
 
+use std::fmt;
+
 use base64::Engine as _;
 use num_bigint::BigInt;
 use serde_json::{Map, Value};
@@ -49,6 +51,32 @@ pub(crate) fn convert_row(
     schema: &Value,
     path: &str,
 ) -> Result<(), DecodeError> {
+    convert_fields(row, schema, &FieldPath::Root(path))
+}
+
+/// Where a value sits in a record, put into words only when an error names it.
+#[derive(Debug, Clone, Copy)]
+enum FieldPath<'a> {
+    Root(&'a str),
+    Field(&'a FieldPath<'a>, &'a str),
+    Item(&'a FieldPath<'a>, usize),
+}
+
+impl fmt::Display for FieldPath<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FieldPath::Root(name) => f.write_str(name),
+            FieldPath::Field(parent, name) => write!(f, "{parent}.{name}"),
+            FieldPath::Item(parent, index) => write!(f, "{parent}[{index}]"),
+        }
+    }
+}
+
+fn convert_fields(
+    row: &mut Map<String, Value>,
+    schema: &Value,
+    path: &FieldPath<'_>,
+) -> Result<(), DecodeError> {
     let Some(fields) = schema.get("fields").and_then(Value::as_array) else {
         return Ok(());
     };
@@ -57,13 +85,17 @@ pub(crate) fn convert_row(
             continue;
         };
         if let Some(value) = row.get_mut(name) {
-            convert_value(value, field_schema, &format!("{path}.{name}"))?;
+            convert_value(value, field_schema, &FieldPath::Field(path, name))?;
         }
     }
     Ok(())
 }
 
-fn convert_value(value: &mut Value, schema: &Value, path: &str) -> Result<(), DecodeError> {
+fn convert_value(
+    value: &mut Value,
+    schema: &Value,
+    path: &FieldPath<'_>,
+) -> Result<(), DecodeError> {
     if value.is_null() {
         return Ok(());
     }
@@ -87,13 +119,13 @@ fn convert_value(value: &mut Value, schema: &Value, path: &str) -> Result<(), De
     match schema.get("type").and_then(Value::as_str) {
         Some("struct") => {
             if let Value::Object(row) = value {
-                convert_row(row, schema, path)?;
+                convert_fields(row, schema, path)?;
             }
         }
         Some("array") => {
             if let (Value::Array(items), Some(item_schema)) = (value, schema.get("items")) {
                 for (index, item) in items.iter_mut().enumerate() {
-                    convert_value(item, item_schema, &format!("{path}[{index}]"))?;
+                    convert_value(item, item_schema, &FieldPath::Item(path, index))?;
                 }
             }
         }
@@ -107,7 +139,7 @@ fn convert_logical(
     value: &Value,
     schema: &Value,
     logical: &str,
-    path: &str,
+    path: &FieldPath<'_>,
 ) -> Result<Option<Value>, DecodeError> {
     let text = match logical {
         DECIMAL => {
@@ -161,17 +193,17 @@ fn convert_logical(
     Ok(Some(Value::String(text)))
 }
 
-fn integer(value: &Value, path: &str) -> Result<i64, DecodeError> {
+fn integer(value: &Value, path: &(impl fmt::Display + ?Sized)) -> Result<i64, DecodeError> {
     value.as_i64().ok_or_else(|| DecodeError::WrongType {
-        field: path.to_owned(),
+        field: path.to_string(),
         expected: "integer",
         found: super::error::json_type_name(value),
     })
 }
 
-fn bad(path: &str, detail: &str) -> DecodeError {
+fn bad(path: &(impl fmt::Display + ?Sized), detail: &str) -> DecodeError {
     DecodeError::BadLogicalValue {
-        field: path.to_owned(),
+        field: path.to_string(),
         detail: detail.to_owned(),
     }
 }
@@ -183,7 +215,11 @@ const MAX_DECIMAL_SCALE: i32 = 16_384;
 const MAX_DECIMAL_BYTES: usize = 8_192;
 
 /// Exact decimal text from a base64 big-endian two's-complement unscaled value and a scale.
-pub(crate) fn decimal_text(encoded: &str, scale: i32, path: &str) -> Result<String, DecodeError> {
+pub(crate) fn decimal_text(
+    encoded: &str,
+    scale: i32,
+    path: &(impl fmt::Display + ?Sized),
+) -> Result<String, DecodeError> {
     if !(-MAX_DECIMAL_SCALE..=MAX_DECIMAL_SCALE).contains(&scale) {
         return Err(bad(path, &format!("Decimal scale {scale} is out of range")));
     }
