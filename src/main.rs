@@ -9,11 +9,11 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use cdcflow::config::Config;
-use cdcflow::kafka::{ServiceOptions, run_service};
+use cdcflow::kafka::{ClientLibrary, ServiceOptions, run_service};
 use cdcflow::metrics::{Metrics, Tally};
 use cdcflow::runtime::{Health, ReplayOptions, SharedPipelines, replay};
 use cdcflow::store::{MemoryStore, SqliteStore, StateStore};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -76,7 +76,15 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    match run(Cli::parse()) {
+    let cli = match Cli::command()
+        .long_version(long_version())
+        .try_get_matches()
+        .and_then(|matches| Cli::from_arg_matches(&matches))
+    {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -113,13 +121,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// `cdcflow --version`: the build, and what its librdkafka can do (TLS, SASL, codecs).
+fn long_version() -> String {
+    let library = ClientLibrary::linked();
+    format!(
+        "{}\nlibrdkafka {}\nbuiltin.features: {}",
+        env!("CARGO_PKG_VERSION"),
+        library.version,
+        library.features.join(",")
+    )
+}
+
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     let pipelines = config.build_pipelines()?;
+    ClientLibrary::linked().check(&config.kafka)?;
     println!(
         "config `{}` is valid: {} pipeline(s)",
         path.display(),
         pipelines.len()
+    );
+    println!(
+        "kafka: {} ({})",
+        config.kafka.bootstrap_servers,
+        config.kafka.client_security.summary()
     );
     for (pipeline_config, (_, pipeline)) in config.pipelines.iter().zip(&pipelines) {
         let settings = pipeline.settings();

@@ -346,6 +346,14 @@ fn bad_config_names_key_and_fix() {
             "[kafka]\nproducer = { \"transaction.timeout.ms\" = \"60000\" }\n[[pipeline]]\nname = \"o\"\ntopics = [\"t\"]\n",
             "config key `kafka.producer.\"transaction.timeout.ms\"`: cdcflow manages this property to keep its delivery guarantee: set kafka.transaction_timeout instead",
         ),
+        (
+            "[kafka.security]\nprotocol = \"sasl_ssl\"\nusername = \"u\"\npassword_env = \"P\"\n[[pipeline]]\nname = \"o\"\ntopics = [\"t\"]\n",
+            "config key `kafka.security.sasl_mechanism`: protocol `sasl_ssl` needs a SASL mechanism",
+        ),
+        (
+            "[kafka]\nconsumer = { \"sasl.password\" = \"hunter2\" }\n[[pipeline]]\nname = \"o\"\ntopics = [\"t\"]\n",
+            "keep it out of the config: set kafka.security.password_env or password_file",
+        ),
     ];
     for (index, (config, message)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("bad{index}.toml"));
@@ -384,6 +392,20 @@ fn config_schema_matches_the_example() {
         "consumer": {"session.timeout.ms": "10000"}, "producer": {"compression.type": "zstd"}
     });
     assert_valid(&validator, &with_kafka);
+    // The README's secured-cluster examples are valid too.
+    with_kafka["kafka"]["security"] = json!({
+        "protocol": "sasl_ssl", "sasl_mechanism": "SCRAM-SHA-512", "username": "cdcflow",
+        "password_env": "KAFKA_PASSWORD", "ca_file": "/etc/cdcflow/ca.pem"
+    });
+    assert_valid(&validator, &with_kafka);
+    with_kafka["kafka"]["security"] = json!({
+        "protocol": "ssl", "ca_file": "/etc/cdcflow/ca.pem", "cert_file": "/etc/cdcflow/client.pem",
+        "key_file": "/etc/cdcflow/client.key", "key_password_file": "/run/secrets/key-password"
+    });
+    assert_valid(&validator, &with_kafka);
+    let mut inline_password = with_kafka.clone();
+    inline_password["kafka"]["producer"]["sasl.password"] = json!("x");
+    assert!(!validator.is_valid(&inline_password));
     with_kafka["kafka"]["consumer"]["isolation.level"] = json!("read_uncommitted");
     assert!(!validator.is_valid(&with_kafka));
 }

@@ -11,6 +11,14 @@ command -v cc >/dev/null 2>&1 || need_packages+=(build-essential)
 command -v make >/dev/null 2>&1 || need_packages+=(make)
 command -v pkg-config >/dev/null 2>&1 || need_packages+=(pkg-config)
 command -v perl >/dev/null 2>&1 || need_packages+=(perl)
+# librdkafka's TLS and SASL (SCRAM, GSSAPI) link the system's OpenSSL and Cyrus SASL; the
+# secured test broker's certificates are made with the openssl tool.
+command -v openssl >/dev/null 2>&1 || need_packages+=(openssl)
+if command -v dpkg >/dev/null 2>&1; then
+    for package in libssl-dev libsasl2-dev; do
+        dpkg -s "$package" >/dev/null 2>&1 || need_packages+=("$package")
+    done
+fi
 command -v java >/dev/null 2>&1 || need_packages+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || need_packages+=(maven)
 if ((${#need_packages[@]})); then
@@ -54,6 +62,9 @@ bash tests/check-deploy-files.sh
 export CDCFLOW_KAFKA_PORT="${CDCFLOW_TEST_KAFKA_PORT:-19292}"
 export CDCFLOW_KAFKA_CONTROLLER_PORT="${CDCFLOW_TEST_KAFKA_CONTROLLER_PORT:-19293}"
 export CDCFLOW_KAFKA_DIR="${CDCFLOW_TEST_KAFKA_DIR:-$HOME/.cache/cdcflow/kafka-test}"
+# Mutual TLS on port + 3 and SASL_SSL/SCRAM-SHA-512 on port + 4, beside PLAINTEXT
+# (tests/kafka_security.rs reads them from `kafka.sh secure-info`).
+export CDCFLOW_KAFKA_SECURE=1
 log "starting the local Kafka broker (deploy/local/kafka.sh)"
 deploy/local/kafka.sh reset >/dev/null
 stop_services() {
@@ -98,6 +109,7 @@ log "the demo (deploy/local/demo --fresh)"
 stop_services
 demo_output="$(mktemp)"
 env -u CDCFLOW_KAFKA_PORT -u CDCFLOW_KAFKA_CONTROLLER_PORT -u CDCFLOW_KAFKA_BOOTSTRAP \
+    -u CDCFLOW_KAFKA_SECURE \
     -u CDCFLOW_PG_PORT -u CDCFLOW_MARIADB_PORT -u CDCFLOW_CONNECT_PORT \
     -u CDCFLOW_CONNECT_GROUP -u CDCFLOW_CONNECT_OFFSET_FLUSH_MS \
     CDCFLOW_KAFKA_DIR="$HOME/.cache/cdcflow/demo-test/kafka" \

@@ -2,9 +2,16 @@
 # Run a real single-node Apache Kafka 4.x broker (KRaft, broker+controller in
 # one JVM) on 127.0.0.1, from jars that Maven resolves from Maven Central.
 #
-#   kafka.sh start | stop | status | reset | bootstrap
+#   kafka.sh start | stop | status | reset | bootstrap | secure-info
 #   kafka.sh topics ARGS... | console-producer ARGS... | console-consumer ARGS...
 #   kafka.sh tool CLASS ARGS...
+#
+# CDCFLOW_KAFKA_SECURE=1 adds two listeners beside PLAINTEXT: mutual TLS on
+# CDCFLOW_KAFKA_SSL_PORT (default broker port + 3) and SASL_SSL with
+# SCRAM-SHA-512 on CDCFLOW_KAFKA_SASL_SSL_PORT (broker port + 4).  The
+# certificates (a test CA, the broker's, a client's, and an unrelated CA) are
+# made with openssl under the state dir on first start; the SCRAM user is
+# created when the storage is formatted.  `secure-info` prints where they are.
 #
 # Only the bootstrap address goes to stdout for `start` and `bootstrap`
 # (BOOT=$(deploy/local/kafka.sh start) works); everything else the script says
@@ -25,6 +32,10 @@ STATE="${CDCFLOW_KAFKA_DIR:-$HOME/.cache/cdcflow/kafka-run}"
 HEAP="${CDCFLOW_KAFKA_HEAP:-512m}"
 START_TIMEOUT="${CDCFLOW_KAFKA_START_TIMEOUT:-90}"
 STOP_TIMEOUT="${CDCFLOW_KAFKA_STOP_TIMEOUT:-30}"
+SECURE="${CDCFLOW_KAFKA_SECURE:-0}"
+SSL_PORT="${CDCFLOW_KAFKA_SSL_PORT:-$((PORT + 3))}"
+SASL_SSL_PORT="${CDCFLOW_KAFKA_SASL_SSL_PORT:-$((PORT + 4))}"
+SCRAM_USER=cdcflow
 
 # Main classes (all checked against the 4.4.0 jars with `unzip -l`).
 CLASS_BROKER=kafka.Kafka
@@ -47,6 +58,10 @@ check_settings() {
         [[ "$d" != *[,\\]* ]] || die "path must not contain ',' or '\\': $d"
     done
 
+    [[ "$SECURE" == 0 || "$SECURE" == 1 ]] || die "CDCFLOW_KAFKA_SECURE must be 0 or 1, got '$SECURE'"
+    require_number CDCFLOW_KAFKA_SSL_PORT "$SSL_PORT"
+    require_number CDCFLOW_KAFKA_SASL_SSL_PORT "$SASL_SSL_PORT"
+
     LIB="$CACHE/lib"
     MARKER="$CACHE/.resolved"
     DATA="$STATE/data"
@@ -54,6 +69,7 @@ check_settings() {
     PIDFILE="$STATE/kafka.pid"
     SERVER_PROPS="$CONF/server.properties"
     BOOTSTRAP="$HOST:$PORT"
+    TLS="$STATE/tls"
 }
 
 # ----------------------------------------------------------- jar resolution --
@@ -138,10 +154,10 @@ node.id=1
 # Dynamic KRaft quorum (formatted with --standalone): no controller.quorum.voters.
 controller.quorum.bootstrap.servers=$HOST:$CONTROLLER_PORT
 controller.listener.names=CONTROLLER
-listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$CONTROLLER_PORT
+listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$CONTROLLER_PORT$(secure_listeners)
+advertised.listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$CONTROLLER_PORT$(secure_listeners)
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL
 
 log.dirs=$DATA
 num.partitions=1
@@ -167,6 +183,7 @@ log.retention.hours=24
 log.segment.bytes=104857600
 log.retention.check.interval.ms=300000
 EOF
+    if [[ "$SECURE" == 1 ]]; then write_secure_config >>"$tmp"; fi
     mv -- "$tmp" "$SERVER_PROPS"
 
     {
@@ -189,6 +206,91 @@ EOF
     write_probe_config
 }
 
+# ------------------------------------------------------ secured listeners --
+
+secure_listeners() {
+    if [[ "$SECURE" == 1 ]]; then
+        printf ',SSL://%s:%s,SASL_SSL://%s:%s' "$HOST" "$SSL_PORT" "$HOST" "$SASL_SSL_PORT"
+    fi
+}
+
+write_secure_config() {
+    local password
+    password="$(cat "$TLS/store-password")"
+    cat <<EOF
+
+# Secured listeners (CDCFLOW_KAFKA_SECURE=1): mutual TLS, and SASL_SSL with SCRAM.
+ssl.keystore.type=PKCS12
+ssl.keystore.location=$TLS/broker.p12
+ssl.keystore.password=$password
+ssl.key.password=$password
+ssl.truststore.type=PEM
+ssl.truststore.location=$TLS/ca.pem
+listener.name.ssl.ssl.client.auth=required
+sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+EOF
+}
+
+# openssl CMD ARGS...: quiet unless it fails.
+run_openssl() {
+    local out
+    out="$(openssl "$@" 2>&1)" || die "openssl $1 failed: $out"
+}
+
+# sign_cert NAME SUBJECT [SAN]: a key and a certificate signed by the test CA.
+sign_cert() {
+    local name="$1" subject="$2" san="${3:-}"
+    run_openssl req -new -newkey rsa:2048 -nodes -keyout "$TLS/$name.key" -out "$TLS/$name.csr" -subj "$subject"
+    local ext="$TLS/$name.ext"
+    printf 'basicConstraints=CA:FALSE\n' >"$ext"
+    if [[ -n "$san" ]]; then printf 'subjectAltName=%s\n' "$san" >>"$ext"; fi
+    run_openssl x509 -req -in "$TLS/$name.csr" -CA "$TLS/ca.pem" -CAkey "$TLS/ca.key" -CAcreateserial \
+        -out "$TLS/$name.pem" -days 3650 -sha256 -extfile "$ext"
+    rm -f -- "$TLS/$name.csr" "$ext"
+}
+
+# The test PKI, made once per state dir: a CA, the broker's certificate for
+# 127.0.0.1 and localhost (in a PKCS12 keystore), a client certificate for
+# mutual TLS, an unrelated CA (a client trusting only it must be refused), and
+# the SCRAM user's password.
+ensure_tls() {
+    [[ "$SECURE" == 1 ]] || return 0
+    [[ -f "$TLS/.complete" ]] && return 0
+    command -v openssl >/dev/null 2>&1 || die "openssl is needed for CDCFLOW_KAFKA_SECURE=1 (apt-get install openssl)"
+    log "making test certificates in $TLS"
+    rm -rf -- "$TLS"
+    mkdir -p "$TLS"
+    chmod 700 "$TLS"
+    run_openssl req -x509 -newkey rsa:2048 -nodes -keyout "$TLS/ca.key" -out "$TLS/ca.pem" -days 3650 \
+        -subj "/CN=cdcflow test CA"
+    run_openssl req -x509 -newkey rsa:2048 -nodes -keyout "$TLS/other-ca.key" -out "$TLS/other-ca.pem" \
+        -days 3650 -subj "/CN=unrelated test CA"
+    sign_cert broker "/CN=localhost" "DNS:localhost,IP:$HOST"
+    sign_cert client "/CN=cdcflow-client"
+    openssl rand -hex 16 >"$TLS/store-password"
+    openssl rand -hex 16 >"$TLS/scram-password"
+    run_openssl pkcs12 -export -in "$TLS/broker.pem" -inkey "$TLS/broker.key" -certfile "$TLS/ca.pem" \
+        -name broker -out "$TLS/broker.p12" -passout "file:$TLS/store-password"
+    touch "$TLS/.complete"
+}
+
+cmd_secure_info() {
+    [[ "$SECURE" == 1 ]] || die "CDCFLOW_KAFKA_SECURE is not 1: the broker has no secured listeners"
+    [[ -f "$TLS/.complete" ]] || die "no certificates in $TLS yet: start the broker first"
+    cat <<EOF
+ssl_bootstrap=$HOST:$SSL_PORT
+sasl_ssl_bootstrap=$HOST:$SASL_SSL_PORT
+ca_file=$TLS/ca.pem
+other_ca_file=$TLS/other-ca.pem
+client_cert_file=$TLS/client.pem
+client_key_file=$TLS/client.key
+scram_user=$SCRAM_USER
+scram_password_file=$TLS/scram-password
+EOF
+}
+
 # Admin-client settings for the readiness probe: fail fast, retry in the loop.
 write_probe_config() {
     mkdir -p "$CONF"
@@ -202,23 +304,35 @@ EOF
 
 # The KRaft bootstrap checkpoint written by `format --standalone` records the
 # controller endpoint, so the listener ports are fixed at format time.
+# A secured broker's storage also holds its SCRAM user, made at format time.
+formatted_for() {
+    printf '%s:%s:%s' "$HOST" "$PORT" "$CONTROLLER_PORT"
+    if [[ "$SECURE" == 1 ]]; then printf ':secure'; fi
+}
+
 check_same_ports() {
-    local had want="$HOST:$PORT:$CONTROLLER_PORT"
+    local had want
+    want="$(formatted_for)"
     had="$(cat "$STATE/formatted-for" 2>/dev/null || true)"
     if [[ -n "$had" && "$had" != "$want" ]]; then
-        die "state in $STATE is for $had (host:broker:controller), not $want; use those ports, another CDCFLOW_KAFKA_DIR, or '$0 reset'"
+        die "state in $STATE is for $had (host:broker:controller[:secure]), not $want; use those settings, another CDCFLOW_KAFKA_DIR, or '$0 reset'"
     fi
 }
 
 format_storage_once() {
-    local want="$HOST:$PORT:$CONTROLLER_PORT"
+    local want
+    want="$(formatted_for)"
     check_same_ports
     [[ -f "$DATA/meta.properties" ]] && return 0
     local id
     id="$(run_tool "$CLASS_STORAGE" random-uuid | tail -n 1 | tr -d '[:space:]')"
     [[ -n "$id" ]] || die "StorageTool random-uuid printed nothing"
     log "formatting $DATA (cluster id $id)"
-    run_tool "$CLASS_STORAGE" format --standalone -t "$id" -c "$SERVER_PROPS" >&2 ||
+    local scram=()
+    if [[ "$SECURE" == 1 ]]; then
+        scram=(--add-scram "SCRAM-SHA-512=[name=$SCRAM_USER,password=$(cat "$TLS/scram-password")]")
+    fi
+    run_tool "$CLASS_STORAGE" format --standalone -t "$id" -c "$SERVER_PROPS" "${scram[@]}" >&2 ||
         die "StorageTool format failed"
     printf '%s\n' "$id" >"$STATE/cluster.id"
     printf '%s\n' "$want" >"$STATE/formatted-for"
@@ -280,7 +394,14 @@ cmd_start() {
         require_free_port "$p" "CDCFLOW_KAFKA_PORT / CDCFLOW_KAFKA_CONTROLLER_PORT"
     done
 
+    if [[ "$SECURE" == 1 ]]; then
+        for p in "$SSL_PORT" "$SASL_SSL_PORT"; do
+            require_free_port "$p" "CDCFLOW_KAFKA_SSL_PORT / CDCFLOW_KAFKA_SASL_SSL_PORT"
+        done
+    fi
+
     ensure_resolved
+    ensure_tls
     write_server_config
     write_tools_log4j
     format_storage_once
@@ -335,6 +456,8 @@ usage: $(basename "$0") COMMAND [ARGS...]
   status                   exit 0 running and answering, 1 running not answering, 3 stopped
   reset                    stop and delete the state dir ($STATE)
   bootstrap                print the bootstrap address
+  secure-info              with CDCFLOW_KAFKA_SECURE=1: the TLS and SASL_SSL addresses,
+                           certificate files and SCRAM user, as key=value lines
   pid                      print the broker's pid (exit 1 when stopped): the benchmarks pin it
   topics ARGS...           $CLASS_TOPICS
   console-producer ARGS... $CLASS_PRODUCER
@@ -346,4 +469,4 @@ topics / console-* add --bootstrap-server $BOOTSTRAP unless given one.
 EOF
 }
 
-dispatch "start stop status reset bootstrap pid resolve topics console-producer console-consumer tool" "$@"
+dispatch "start stop status reset bootstrap secure-info pid resolve topics console-producer console-consumer tool" "$@"

@@ -6,6 +6,11 @@
 //! when it parses as one, else as text.
 
 mod model;
+mod security;
+
+pub use security::{
+    ClientSecurity, Protocol, SaslMechanism, Secret, SecurityConfig, SecurityError,
+};
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -84,6 +89,46 @@ pub const MANAGED_PROPERTIES: [(&str, &str); 15] = [
     ),
 ];
 
+/// librdkafka properties `[kafka.security]` sets for every client; a pass-through of one of
+/// them is a config error naming what to set instead.
+pub const SECURITY_PROPERTIES: [(&str, &str); 11] = [
+    (
+        "security.protocol",
+        "set kafka.security.protocol instead: every client gets it",
+    ),
+    (
+        "sasl.mechanism",
+        "set kafka.security.sasl_mechanism instead",
+    ),
+    (
+        "sasl.mechanisms",
+        "set kafka.security.sasl_mechanism instead",
+    ),
+    ("sasl.username", "set kafka.security.username instead"),
+    (
+        "sasl.password",
+        "keep it out of the config: set kafka.security.password_env or password_file",
+    ),
+    ("ssl.ca.location", "set kafka.security.ca_file instead"),
+    (
+        "ssl.certificate.location",
+        "set kafka.security.cert_file instead",
+    ),
+    ("ssl.key.location", "set kafka.security.key_file instead"),
+    (
+        "ssl.key.password",
+        "keep it out of the config: set kafka.security.key_password_env or key_password_file",
+    ),
+    (
+        "ssl.endpoint.identification.algorithm",
+        "set kafka.security.verify_hostname instead",
+    ),
+    (
+        "sasl.kerberos.principal",
+        "set kafka.security.kerberos_principal instead",
+    ),
+];
+
 /// Prefix of environment overrides; `__` separates key segments.
 pub const ENV_PREFIX: &str = "CDCFLOW__";
 
@@ -104,6 +149,20 @@ pub enum ConfigError {
     Override { variable: String, message: String },
     #[error(transparent)]
     Rule(#[from] RuleCompileError),
+}
+
+/// A TOML syntax error by line and column, without the excerpt of the file toml quotes: the
+/// line could hold a secret.
+fn syntax_message(text: &str, error: &toml::de::Error) -> String {
+    match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |newline| newline + 1) + 1;
+            format!("line {line}, column {column}: {}", error.message())
+        }
+        None => error.message().to_owned(),
+    }
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -144,19 +203,29 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut table: toml::Table = toml::from_str(text).map_err(|error| ConfigError::Syntax {
             path: origin.to_owned(),
-            message: error.to_string(),
+            message: syntax_message(text, &error),
         })?;
-        for (variable, value) in env {
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        for (variable, value) in &env {
             if let Some(path) = variable.strip_prefix(ENV_PREFIX) {
-                apply_override(&mut table, &variable, path, &value)?;
+                apply_override(&mut table, variable, path, value)?;
             }
         }
-        let config: Config =
-            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|error| {
+        let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|error| {
                 let key = error.path().to_string();
                 invalid(key, error.into_inner().to_string())
             })?;
         config.validate()?;
+        config.kafka.client_security = config
+            .kafka
+            .security
+            .resolve(|name| {
+                env.iter()
+                    .find(|(variable, _)| variable == name)
+                    .map(|(_, value)| value.clone())
+            })
+            .map_err(|error| invalid(error.key, error.message))?;
         Ok(config)
     }
 
@@ -310,18 +379,23 @@ impl Config {
         for (section, properties) in [("consumer", &kafka.consumer), ("producer", &kafka.producer)]
         {
             for key in properties.keys() {
-                if let Some((_, instead)) = MANAGED_PROPERTIES
-                    .iter()
-                    .find(|(managed, _)| managed == key)
-                {
-                    return Err(invalid(
-                        format!("kafka.{section}.\"{key}\""),
-                        format!(
-                            "cdcflow manages this property to keep its delivery guarantee: \
-                             {instead}"
-                        ),
-                    ));
-                }
+                let find = |list: &[(&'static str, &'static str)]| {
+                    list.iter()
+                        .find(|(managed, _)| managed == key)
+                        .map(|(_, fix)| *fix)
+                };
+                let why = if let Some(instead) = find(&MANAGED_PROPERTIES) {
+                    format!(
+                        "cdcflow manages this property to keep its delivery guarantee: {instead}"
+                    )
+                } else if let Some(instead) = find(&SECURITY_PROPERTIES) {
+                    format!(
+                        "cdcflow sets this property for every client from [kafka.security]: {instead}"
+                    )
+                } else {
+                    continue;
+                };
+                return Err(invalid(format!("kafka.{section}.\"{key}\""), why));
             }
         }
         Ok(())
@@ -449,7 +523,7 @@ mod tests {
     /// and what to set instead; other librdkafka properties pass.
     #[test]
     fn managed_properties_are_refused_with_the_fix() {
-        for (key, instead) in MANAGED_PROPERTIES {
+        for (key, instead) in MANAGED_PROPERTIES.iter().chain(&SECURITY_PROPERTIES) {
             for section in ["consumer", "producer"] {
                 let text = format!("[kafka]\n{section} = {{ \"{key}\" = \"1\" }}\n{PIPELINE}");
                 let error = Config::parse(&text, "test", Vec::new()).unwrap_err();

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use super::security::{ClientSecurity, SecurityConfig};
 use crate::cdc::{DecodeLimits, EnvelopeFormat};
 use crate::engine::{Connector, EventMode, PayloadSpec, RuleSpec, VersionSource, VersionSpec};
 
@@ -452,6 +453,13 @@ pub struct KafkaConfig {
     /// Replication factor of topics cdcflow creates (changelogs included). Default 1.
     #[serde(default = "default_replication_factor")]
     pub replication_factor: i32,
+    /// `[kafka.security]`: TLS and SASL, for every client cdcflow opens.
+    #[serde(default)]
+    pub security: SecurityConfig,
+    /// The security settings with their secrets read (at load, from the environment or
+    /// files).
+    #[serde(skip)]
+    pub client_security: ClientSecurity,
     /// librdkafka consumer properties passed through (e.g. `"session.timeout.ms" = "10000"`).
     #[serde(default)]
     pub consumer: BTreeMap<String, String>,
@@ -502,6 +510,8 @@ impl Default for KafkaConfig {
             shutdown_timeout: default_shutdown_timeout(),
             topic_partitions: default_topic_partitions(),
             replication_factor: default_replication_factor(),
+            security: SecurityConfig::default(),
+            client_security: ClientSecurity::default(),
             consumer: BTreeMap::new(),
             producer: BTreeMap::new(),
         }

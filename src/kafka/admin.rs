@@ -2,11 +2,14 @@
 //! with the input) and output, DLQ and audit topics.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+use rdkafka::ClientContext;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
 use rdkafka::metadata::Metadata;
 use rdkafka::types::RDKafkaErrorCode;
 
@@ -14,7 +17,7 @@ use super::error::{ServiceError, kafka_error};
 use super::{changelog_topic, clients};
 use crate::config::{KafkaConfig, TopicRoute};
 use crate::engine::Pipeline;
-use crate::runtime::{Attempt, RetryLimit, RetryPolicy, Shutdown, retry};
+use crate::runtime::{Attempt, RetryError, RetryLimit, RetryPolicy, Shutdown, retry};
 
 /// What the service consumes and where each pipeline's changelog lives.
 #[derive(Debug, Clone)]
@@ -35,10 +38,10 @@ pub(super) fn prepare(
     runtime: &tokio::runtime::Handle,
     shutdown: &Shutdown,
 ) -> Result<Option<Topology>, ServiceError> {
-    let probe: BaseConsumer = clients::admin(kafka)
-        .create()
+    let probe: BaseConsumer<ProbeContext> = clients::admin(kafka)
+        .create_with_context(ProbeContext::default())
         .map_err(kafka_error("cannot create a Kafka client"))?;
-    let Some(metadata) = wait_for_metadata(&probe, kafka, shutdown) else {
+    let Some(metadata) = wait_for_metadata(&probe, kafka, shutdown)? else {
         return Ok(None);
     };
     let existing: BTreeMap<String, usize> = metadata
@@ -185,18 +188,87 @@ fn smallest_max_message_bytes(
 
 /// The cluster's metadata, once the brokers answer; `None` when shutdown comes first.
 fn wait_for_metadata(
-    probe: &BaseConsumer,
+    probe: &BaseConsumer<ProbeContext>,
     kafka: &KafkaConfig,
     shutdown: &Shutdown,
-) -> Option<Metadata> {
+) -> Result<Option<Metadata>, ServiceError> {
     let what = format!("reaching Kafka at {}", kafka.bootstrap_servers);
-    retry(&what, WAIT_FOR_BROKERS, shutdown, || {
-        probe
-            .fetch_metadata(None, Duration::from_secs(5))
-            .map_err(Attempt::Transient)
-    })
-    .ok()
+    let outcome = retry(&what, WAIT_FOR_BROKERS, shutdown, || {
+        let fetched = probe.fetch_metadata(None, Duration::from_secs(5));
+        // Serves the error callbacks, which say why a connection was refused.
+        let _ = probe.poll(Duration::ZERO);
+        match (fetched, probe.context().refusal()) {
+            (Ok(metadata), _) => Ok(metadata),
+            (Err(_), Some(refusal)) => Err(Attempt::Permanent(ProbeFailure::Refused(refusal))),
+            (Err(error), None) => Err(Attempt::Transient(ProbeFailure::Unreachable(error))),
+        }
+    });
+    match outcome {
+        Ok(metadata) => Ok(Some(metadata)),
+        Err(RetryError::Failed {
+            error: ProbeFailure::Refused((code, reason)),
+            ..
+        }) => Err(ServiceError::ConnectionRefused {
+            bootstrap: kafka.bootstrap_servers.clone(),
+            code,
+            reason,
+        }),
+        Err(_) => Ok(None),
+    }
 }
+
+/// Why a metadata request failed: the brokers are not reachable yet (worth waiting for), or
+/// they refused this client.
+#[derive(Debug)]
+enum ProbeFailure {
+    Unreachable(KafkaError),
+    Refused(Refusal),
+}
+
+impl std::fmt::Display for ProbeFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProbeFailure::Unreachable(error) => write!(f, "{error}"),
+            ProbeFailure::Refused((code, reason)) => write!(f, "{reason} ({code:?})"),
+        }
+    }
+}
+
+/// Why the probe could not connect, when retrying cannot help: what the broker or the TLS
+/// handshake refused.
+type Refusal = (RDKafkaErrorCode, String);
+
+/// The start-up probe's context: it keeps the first refusal that only a config change can
+/// fix (credentials, certificates), so that start-up stops with it instead of retrying.
+#[derive(Debug, Default)]
+struct ProbeContext {
+    refused: Mutex<Option<Refusal>>,
+}
+
+impl ProbeContext {
+    fn refusal(&self) -> Option<Refusal> {
+        self.refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl ClientContext for ProbeContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "Kafka client error while reaching the brokers");
+        if let Some(code @ (RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)) =
+            error.rdkafka_error_code()
+        {
+            self.refused
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get_or_insert_with(|| (code, reason.to_owned()));
+        }
+    }
+}
+
+impl ConsumerContext for ProbeContext {}
 
 /// Waiting for the brokers at start: patient, and never more than 30 s between tries.
 const WAIT_FOR_BROKERS: RetryPolicy = RetryPolicy::new(

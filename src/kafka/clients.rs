@@ -11,6 +11,9 @@ fn base(kafka: &KafkaConfig) -> ClientConfig {
         .set("bootstrap.servers", &kafka.bootstrap_servers)
         // Metadata lookups must never create topics with broker defaults.
         .set("allow.auto.create.topics", "false");
+    for (property, value) in kafka.client_security.properties() {
+        config.set(property, value);
+    }
     config
 }
 

@@ -31,6 +31,26 @@ pub enum ServiceError {
         code: RDKafkaErrorCode,
         reason: String,
     },
+    #[error(
+        "{needed_by} needs librdkafka's `{feature}`, which this binary's librdkafka {version} \
+         lacks (builtin.features: {features}); use a cdcflow built with its default features, \
+         or change that setting"
+    )]
+    MissingFeature {
+        feature: String,
+        needed_by: String,
+        version: String,
+        features: String,
+    },
+    #[error(
+        "cannot connect to Kafka at {bootstrap}: {reason} ({code:?}); {}",
+        refusal_hint(*code)
+    )]
+    ConnectionRefused {
+        bootstrap: String,
+        code: RDKafkaErrorCode,
+        reason: String,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("changelog `{topic}` partition {partition} offset {offset}: {detail}")]
@@ -135,4 +155,20 @@ pub enum ServiceError {
 pub(super) fn kafka_error(context: impl Into<String>) -> impl FnOnce(KafkaError) -> ServiceError {
     let context = context.into();
     move |source| ServiceError::Kafka { context, source }
+}
+
+/// What to check when the brokers refuse the connection.
+fn refusal_hint(code: RDKafkaErrorCode) -> &'static str {
+    match code {
+        RDKafkaErrorCode::Authentication => {
+            "check kafka.security.username, the password (password_env or password_file) and \
+             sasl_mechanism against what the broker's listener accepts"
+        }
+        _ => {
+            "check that kafka.security.ca_file holds the CA that signed the broker's \
+             certificate, that the broker's certificate names the host in bootstrap_servers \
+             (or set verify_hostname = false), and, if the broker requires client \
+             certificates, kafka.security.cert_file and key_file"
+        }
+    }
 }

@@ -19,6 +19,7 @@
 //! - `at_least_once`: outputs, then changelog, then offsets.
 //! - `produce`: sending records and reading delivery reports back.
 //! - `report`: one function per runtime event (logs and counts), and the clients' context.
+//! - `features`: librdkafka's `builtin.features`, checked against what the config asks.
 //! - `error`: [`ServiceError`], every reason the service stops.
 //!
 //! Committed state is written behind by [`crate::store::WriteBehind`].
@@ -29,6 +30,7 @@ mod clients;
 mod commit;
 mod consume;
 mod error;
+mod features;
 mod produce;
 mod rebalance;
 mod report;
@@ -37,6 +39,7 @@ mod service;
 mod transactional;
 
 pub use error::ServiceError;
+pub use features::{ClientLibrary, required_features};
 pub use service::{ServiceOptions, run_service};
 
 /// The name of a pipeline's changelog topic: `<group_id>.<pipeline>.changelog`.

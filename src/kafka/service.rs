@@ -13,6 +13,7 @@ use super::clients;
 use super::commit::Committer;
 use super::consume::Worker;
 use super::error::{ServiceError, kafka_error};
+use super::features::ClientLibrary;
 use super::produce::Producer;
 use super::rebalance::{RebalanceContext, lock};
 use super::report::{ClientReports, Reporter};
@@ -54,6 +55,7 @@ pub fn run_service<S: StateStore>(
 ) -> Result<(), ServiceError> {
     let shutdown = Shutdown::from_future(&runtime, shutdown);
     let kafka = &options.kafka;
+    ClientLibrary::linked().check(kafka)?;
     let Some(topology) = admin::prepare(kafka, &pipelines, &runtime, &shutdown)? else {
         return Ok(());
     };

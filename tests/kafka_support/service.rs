@@ -18,14 +18,20 @@ pub struct Service {
 
 impl Service {
     pub fn start(config: &Path, log: &Path) -> Service {
+        Service::start_logging(
+            config,
+            log,
+            "info,cdcflow::kafka::service=debug,rdkafka=warn",
+        )
+    }
+
+    /// Starts with the `CDCFLOW_LOG` filter `filter`.
+    pub fn start_logging(config: &Path, log: &Path, filter: &str) -> Service {
         let log_file = std::fs::File::create(log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_cdcflow"))
             .args(["run", "--config"])
             .arg(config)
-            .env(
-                "CDCFLOW_LOG",
-                "info,cdcflow::kafka::service=debug,rdkafka=warn",
-            )
+            .env("CDCFLOW_LOG", filter)
             // Tests read the log (partition lists, errors): plain text, no ANSI colours.
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
