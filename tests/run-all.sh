@@ -129,4 +129,9 @@ done
 log "benchmarks build"
 cargo bench --no-run --features kafka-it
 
+# A short run of every fuzz target from the committed corpus (fuzz/README.md); longer runs are
+# `fuzz/run.sh 600`.
+log "fuzz smoke (fuzz/run.sh 30)"
+fuzz/run.sh "${CDCFLOW_FUZZ_SECONDS:-30}"
+
 log "all tests passed"
