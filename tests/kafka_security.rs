@@ -54,6 +54,15 @@ fn secured() -> Secured {
     Secured { info }
 }
 
+/// A `[kafka.security]` body for the SCRAM user with the given password file and CA.
+fn scram_security(secured: &Secured, password_file: &str, ca_file: &str) -> String {
+    format!(
+        "protocol = \"sasl_ssl\"\nsasl_mechanism = \"SCRAM-SHA-512\"\nusername = \"{}\"\n\
+         password_file = \"{password_file}\"\nca_file = \"{ca_file}\"",
+        secured.get("scram_user"),
+    )
+}
+
 /// Points a scenario's config at `bootstrap` with a `[kafka.security]` section.
 fn secure(scenario: &Scenario, bootstrap: &str, security: &str) {
     let text = std::fs::read_to_string(&scenario.config).unwrap();
@@ -102,12 +111,10 @@ fn exactly_once_over_sasl_ssl_with_scram() {
     secure(
         &scenario,
         secured.get("sasl_ssl_bootstrap"),
-        &format!(
-            "protocol = \"sasl_ssl\"\nsasl_mechanism = \"SCRAM-SHA-512\"\nusername = \"{}\"\n\
-             password_file = \"{}\"\nca_file = \"{}\"",
-            secured.get("scram_user"),
+        &scram_security(
+            &secured,
             secured.get("scram_password_file"),
-            secured.get("ca_file")
+            secured.get("ca_file"),
         ),
     );
     // librdkafka's own debug logs of the handshake and its configuration go to the log too.
@@ -249,12 +256,10 @@ fn a_wrong_password_stops_start_up_with_a_clear_message() {
     secure(
         &scenario,
         secured.get("sasl_ssl_bootstrap"),
-        &format!(
-            "protocol = \"sasl_ssl\"\nsasl_mechanism = \"SCRAM-SHA-512\"\nusername = \"{}\"\n\
-             password_file = \"{}\"\nca_file = \"{}\"",
-            secured.get("scram_user"),
-            wrong.display(),
-            secured.get("ca_file")
+        &scram_security(
+            &secured,
+            &wrong.display().to_string(),
+            secured.get("ca_file"),
         ),
     );
     let log = start_up_failure(&scenario);
@@ -265,7 +270,7 @@ fn a_wrong_password_stops_start_up_with_a_clear_message() {
 }
 
 /// A broker certificate the configured CA did not sign stops start-up with a message about
-/// the certificate, as does a missing client certificate on the mutual-TLS listener.
+/// the certificate.
 #[test]
 fn an_untrusted_certificate_stops_start_up_with_a_clear_message() {
     let secured = secured();
@@ -273,12 +278,10 @@ fn an_untrusted_certificate_stops_start_up_with_a_clear_message() {
     secure(
         &untrusted,
         secured.get("sasl_ssl_bootstrap"),
-        &format!(
-            "protocol = \"sasl_ssl\"\nsasl_mechanism = \"SCRAM-SHA-512\"\nusername = \"{}\"\n\
-             password_file = \"{}\"\nca_file = \"{}\"",
-            secured.get("scram_user"),
+        &scram_security(
+            &secured,
             secured.get("scram_password_file"),
-            secured.get("other_ca_file")
+            secured.get("other_ca_file"),
         ),
     );
     let log = start_up_failure(&untrusted);
