@@ -186,7 +186,8 @@ fn smallest_max_message_bytes(
     Ok(smallest)
 }
 
-/// The cluster's metadata, once the brokers answer; `None` when shutdown comes first.
+/// The cluster's metadata, once the brokers answer; `None` when shutdown comes first, and an
+/// error at once when they refuse this client (credentials, certificates).
 fn wait_for_metadata(
     probe: &BaseConsumer<ProbeContext>,
     kafka: &KafkaConfig,
