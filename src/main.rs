@@ -5,7 +5,7 @@ use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use cdcflow::config::Config;
@@ -185,12 +185,16 @@ async fn run_command(config_path: PathBuf) -> anyhow::Result<()> {
             .context("the HTTP listener has no address")?;
         tracing::info!("serving http://{address}/metrics, /healthz and /readyz");
         let (metrics, health) = (metrics.clone(), Arc::clone(&health));
+        // A batch may wait for stable offsets (3 transaction timeouts) and retry its commit:
+        // only a loop silent well beyond that is stuck.
+        let stall_after = config.kafka.transaction_timeout * 6 + Duration::from_secs(60);
         tokio::spawn(async move {
-            if let Err(error) = cdcflow::http::serve(listener, metrics, health).await {
+            if let Err(error) = cdcflow::http::serve(listener, metrics, health, stall_after).await {
                 tracing::error!(%error, "the HTTP endpoint stopped");
             }
         });
     }
+    let store_stats = tokio::spawn(report_store_stats(Arc::clone(&store), metrics.clone()));
     let options = ServiceOptions {
         kafka: config.kafka.clone(),
         cache_entries: config.state.cache_entries,
@@ -206,10 +210,25 @@ async fn run_command(config_path: PathBuf) -> anyhow::Result<()> {
     })
     .await
     .context("the service thread panicked")?;
+    // The stats task holds the store: it ends before the store closes.
+    store_stats.abort();
+    let _ = store_stats.await;
     if let Ok(store) = Arc::try_unwrap(store) {
         store.close().await;
     }
     Ok(result?)
+}
+
+/// Updates the store's size and entity counts every 15 seconds (counting scans the key).
+async fn report_store_stats(store: Arc<SqliteStore>, metrics: Metrics) {
+    let mut every = tokio::time::interval(Duration::from_secs(15));
+    loop {
+        every.tick().await;
+        match store.stats().await {
+            Ok(stats) => metrics.store_stats(&stats),
+            Err(error) => tracing::warn!(%error, "cannot read the state store's size"),
+        }
+    }
 }
 
 /// A future that completes at SIGTERM or SIGINT: the service then finishes its batch and

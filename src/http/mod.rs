@@ -1,9 +1,10 @@
 //! The HTTP endpoint of `cdcflow run`: `/metrics` (Prometheus text format), `/healthz` (the
-//! process is alive) and `/readyz` (partitions assigned and restored, no failed batch being
-//! retried, not stopping).
+//! process loop is alive) and `/readyz` (partitions assigned and restored, a broker reachable,
+//! no failed batch being retried, not stopping).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -33,6 +34,8 @@ pub enum HttpError {
 struct Endpoint {
     metrics: Metrics,
     health: Arc<Health>,
+    /// How long the process loop may show no progress before `/healthz` fails.
+    stall_after: Duration,
 }
 
 /// Binds the listener (at start-up, so a taken port stops the start with the key to fix).
@@ -47,16 +50,26 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Metrics,
     health: Arc<Health>,
+    stall_after: Duration,
 ) -> std::io::Result<()> {
     let router = Router::new()
         .route("/metrics", get(metrics_text))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(liveness))
         .route("/readyz", get(readiness))
-        .with_state(Endpoint { metrics, health });
+        .with_state(Endpoint {
+            metrics,
+            health,
+            stall_after,
+        });
     axum::serve(listener, router).await
 }
 
 async fn metrics_text(State(endpoint): State<Endpoint>) -> impl IntoResponse {
+    let metrics = &endpoint.metrics;
+    metrics
+        .ready
+        .set(i64::from(endpoint.health.readiness().is_ok()));
+    metrics.sync_retries(&crate::runtime::retry_counts());
     let encoder = TextEncoder::new();
     let mut body = Vec::new();
     match encoder.encode(&endpoint.metrics.registry.gather(), &mut body) {
@@ -69,6 +82,19 @@ async fn metrics_text(State(endpoint): State<Endpoint>) -> impl IntoResponse {
             StatusCode::INTERNAL_SERVER_ERROR,
             [(header::CONTENT_TYPE, "text/plain".to_owned())],
             error.to_string().into_bytes(),
+        ),
+    }
+}
+
+async fn liveness(State(endpoint): State<Endpoint>) -> impl IntoResponse {
+    match endpoint.health.liveness(endpoint.stall_after) {
+        Ok(()) => (StatusCode::OK, "ok\n".to_owned()),
+        Err(silent) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "stuck: the process loop has shown no progress for {}s\n",
+                silent.as_secs()
+            ),
         ),
     }
 }

@@ -276,7 +276,8 @@ const WAIT_FOR_BROKERS: RetryPolicy = RetryPolicy::new(
     Duration::from_millis(500),
     Duration::from_secs(30),
     RetryLimit::Forever,
-);
+)
+.counted_as("wait_for_brokers");
 
 fn create_topics(
     kafka: &KafkaConfig,

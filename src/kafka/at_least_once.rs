@@ -23,7 +23,13 @@ impl<S: StateStore> Committer<'_, S> {
         self.await_deliveries(output_deliveries)?;
         let changelog_deliveries = self.send_all(&[], changelog_records)?;
         let changelog = self.await_deliveries(changelog_deliveries)?;
-        match self.consumer.commit(offsets, CommitMode::Sync) {
+        let started = std::time::Instant::now();
+        let committed = self.consumer.commit(offsets, CommitMode::Sync);
+        self.options
+            .metrics
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match committed {
             Ok(()) => Ok(changelog),
             Err(error) => match classify("commit offsets", error, self.transactional_id) {
                 BatchFailure::Retry(reason) => {

@@ -96,6 +96,8 @@ pub(super) fn producer(
         .max(BATCH_FRAMING_BYTES);
     config
         .set("enable.idempotence", "true")
+        // The statistics give the producer's queue depth (cdcflow_producer_queue_messages).
+        .set("statistics.interval.ms", "1000")
         .set("queue.buffering.max.kbytes", "65536")
         .set("linger.ms", "5");
     if kafka.delivery == DeliveryConfig::ExactlyOnce {

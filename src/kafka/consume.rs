@@ -39,7 +39,8 @@ const BATCH_RETRY: RetryPolicy = RetryPolicy::new(
     Duration::from_millis(200),
     Duration::from_secs(10),
     RetryLimit::Forever,
-);
+)
+.counted_as("batch");
 
 /// A batch processed against the staged state, before its commit.
 struct Processed {
@@ -48,12 +49,17 @@ struct Processed {
     /// The consumed offsets to commit.
     offsets: TopicPartitionList,
     records: usize,
+    bytes: usize,
+    /// When the batch's first record was fetched.
+    first_fetched: Instant,
 }
 
 /// What one poll loop collected.
 #[derive(Default)]
 struct Collected {
     records: Vec<RawRecord>,
+    bytes: usize,
+    first_fetched: Option<Instant>,
     /// Partitions revoked while collecting (collection stops at a revocation).
     revoked: Vec<TopicPartition>,
 }
@@ -89,10 +95,13 @@ impl<S: StateStore> Worker<'_, S> {
     /// a CPU-bound 2-core machine, and ~50 MiB more peak memory for the second batch.)
     pub(super) fn run(&mut self) -> Result<(), ServiceError> {
         loop {
+            self.options.health.beat();
             self.check_fatal_errors()?;
             let stopping = self.shutdown.is_requested();
             let Collected {
                 mut records,
+                bytes,
+                first_fetched,
                 revoked,
             } = if stopping {
                 Collected::default()
@@ -118,10 +127,12 @@ impl<S: StateStore> Worker<'_, S> {
                 // Entries are evicted only once the store holds every committed state, or a
                 // later load would read older state.
                 lock(&self.write_behind).flush()?;
-                self.lanes.evict();
+                let evicted = self.lanes.evict();
+                self.options.metrics.cache_evictions.inc_by(evicted as u64);
             }
             let started = Instant::now();
-            let processed = match self.process(records) {
+            let first_fetched = first_fetched.unwrap_or(started);
+            let processed = match self.process(records, bytes, first_fetched) {
                 Ok(processed) => processed,
                 Err(failure) => {
                     self.recover(failure)?;
@@ -299,6 +310,7 @@ impl<S: StateStore> Worker<'_, S> {
         let drain_only = kafka.delivery == DeliveryConfig::AtLeastOnce || behind;
         let mut records = Vec::new();
         let mut bytes = 0usize;
+        let mut first_fetched = None;
         let mut revoked = Vec::new();
         while records.len() < kafka.batch_max_records
             && bytes < kafka.batch_max_bytes
@@ -317,6 +329,7 @@ impl<S: StateStore> Worker<'_, S> {
             };
             let drained = match self.consumer.poll(wait) {
                 Some(Ok(message)) => {
+                    first_fetched.get_or_insert_with(Instant::now);
                     let record = raw_record(&message);
                     bytes += record_bytes(&record);
                     records.push(record);
@@ -349,11 +362,21 @@ impl<S: StateStore> Worker<'_, S> {
                 break;
             }
         }
-        Ok(Collected { records, revoked })
+        Ok(Collected {
+            records,
+            bytes,
+            first_fetched,
+            revoked,
+        })
     }
 
     /// Decodes and applies a batch against the staged state.
-    fn process(&mut self, records: Vec<RawRecord>) -> Result<Processed, BatchFailure> {
+    fn process(
+        &mut self,
+        records: Vec<RawRecord>,
+        bytes: usize,
+        first_fetched: Instant,
+    ) -> Result<Processed, BatchFailure> {
         let offsets = next_offsets(&records);
         let record_count = records.len();
         let processor = BatchProcessor::new(self.pipelines).with_refusals(&self.refusals);
@@ -372,6 +395,8 @@ impl<S: StateStore> Worker<'_, S> {
             tally,
             offsets,
             records: record_count,
+            bytes,
+            first_fetched,
         })
     }
 
@@ -387,6 +412,8 @@ impl<S: StateStore> Worker<'_, S> {
             tally,
             offsets,
             records: record_count,
+            bytes,
+            first_fetched,
         } = processed;
         let (changelog, retry) = match delivered {
             Ok(changelog) => (changelog, None),
@@ -433,7 +460,16 @@ impl<S: StateStore> Worker<'_, S> {
             .committed(outcome.writes, changelog, record_count)
             .map_err(|error| BatchFailure::Fatal(error.into()))?;
         // Outputs were delivered either way: they count.
-        self.options.metrics.add(&tally);
+        let metrics = &self.options.metrics;
+        metrics.add(&tally, now_ms());
+        metrics.batch_records.observe(record_count as f64);
+        metrics.batch_bytes.observe(bytes as f64);
+        metrics
+            .processing_latency
+            .observe(first_fetched.elapsed().as_secs_f64());
+        if retry.is_none() {
+            self.reporter.offsets_committed(&offsets);
+        }
         self.tally.merge(tally);
         match retry {
             // The states are kept (above); the retry finds its records already applied.
@@ -509,12 +545,15 @@ impl<S: StateStore> Worker<'_, S> {
             Duration::from_millis(500),
             Duration::from_secs(10),
             RetryLimit::Forever,
-        );
+        )
+        .counted_as("rewind");
         let rewound = retry(
             "rewinding to the committed offsets",
             policy,
             self.shutdown,
             || {
+                // Waiting out an outage is progress, not a stuck loop.
+                health.beat();
                 let assignment = self
                     .consumer
                     .assignment()

@@ -78,6 +78,7 @@ impl<S: StateStore> RebalanceContext<S> {
         // owner still has open (a zombie may yet commit it), and only once it is resolved does
         // the changelog hold every state those offsets stand for.
         let positioned = committed_positions(consumer, partitions, self.patience, &self.shutdown)?;
+        self.reporter.offsets_committed(&positioned);
         self.restorer.restore(list)?;
         let result = if cooperative {
             consumer.incremental_assign(&positioned)
@@ -178,7 +179,8 @@ pub(super) fn committed_positions<C: ConsumerContext>(
         STABLE_OFFSETS_BACKOFF.0,
         STABLE_OFFSETS_BACKOFF.1,
         RetryLimit::Within(patience),
-    );
+    )
+    .counted_as("committed_offsets");
     let committed = retry(
         "reading stable committed offsets (an open transaction?)",
         policy,

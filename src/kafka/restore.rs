@@ -14,7 +14,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::clients;
 use super::error::{ServiceError, kafka_error};
-use super::report::TopicPartition;
+use super::report::{Reporter, TopicPartition};
 use crate::config::{KafkaConfig, TopicRoute};
 use crate::engine::Pipeline;
 use crate::store::{Checkpoint, StateStore, StateWrite, changelog};
@@ -63,6 +63,7 @@ pub(super) struct ChangelogRestorer<S> {
     pub(super) changelogs: Vec<PipelineChangelog>,
     pub(super) store: Arc<S>,
     pub(super) runtime: tokio::runtime::Handle,
+    pub(super) reporter: Reporter,
 }
 
 impl<S: StateStore> ChangelogRestorer<S> {
@@ -72,6 +73,7 @@ impl<S: StateStore> ChangelogRestorer<S> {
         changelogs: &[String],
         store: Arc<S>,
         runtime: tokio::runtime::Handle,
+        reporter: Reporter,
     ) -> Self {
         ChangelogRestorer {
             kafka: kafka.clone(),
@@ -86,6 +88,7 @@ impl<S: StateStore> ChangelogRestorer<S> {
                 .collect(),
             store,
             runtime,
+            reporter,
         }
     }
 
@@ -115,6 +118,10 @@ impl<S: StateStore> ChangelogRestorer<S> {
             restored += self.restore_topic(pipeline, topic, partitions)?;
         }
         if !per_topic.is_empty() {
+            self.reporter
+                .metrics
+                .restore_seconds
+                .inc_by(started.elapsed().as_secs_f64());
             tracing::info!(topics = per_topic.len(), restored, elapsed = ?started.elapsed(), "restored changelog");
         }
         Ok(restored)
@@ -153,6 +160,10 @@ impl<S: StateStore> ChangelogRestorer<S> {
         consumer.assign(&assignment).map_err(kafka_error(format!(
             "cannot assign the partitions of `{topic}`"
         )))?;
+        let metrics = &self.reporter.metrics;
+        let restored_records = metrics.restore_records.with_label_values(&[pipeline]);
+        let remaining = metrics.restore_remaining.with_label_values(&[pipeline]);
+        remaining.add(self.records_to_restore(&consumer, topic, &progress));
         // An open transaction of a dead instance holds the committed end back until it
         // times out; allow for that, then give up loudly rather than run on partial state.
         let deadline = started + self.kafka.transaction_timeout * 3 + Duration::from_secs(60);
@@ -186,6 +197,14 @@ impl<S: StateStore> ChangelogRestorer<S> {
                     entry.last_offset = Some(offset);
                     entry.next_offset = offset + 1;
                     restored += 1;
+                    restored_records.inc();
+                    if remaining.get() > 0 {
+                        remaining.dec();
+                    }
+                    if restored.is_multiple_of(10_000) {
+                        // A long restore runs inside one poll: it is the loop's progress.
+                        self.reporter.health.beat();
+                    }
                     if entry.writes.len() >= RESTORE_CHUNK {
                         let writes = std::mem::take(&mut entry.writes);
                         self.save(writes, topic, partition, entry.last_offset)?;
@@ -221,7 +240,29 @@ impl<S: StateStore> ChangelogRestorer<S> {
         for (partition, entry) in progress {
             self.save(entry.writes, topic, partition, entry.last_offset)?;
         }
+        // What the estimate counted but the changelog did not hold (aborted transactions'
+        // records and markers) is not left behind as remaining.
+        remaining.set(0);
         Ok(restored)
+    }
+
+    /// Records between each partition's start and its end: what the restore will read, at
+    /// most (transaction markers count too).
+    fn records_to_restore(
+        &self,
+        consumer: &BaseConsumer<QuietEof>,
+        topic: &str,
+        progress: &HashMap<i32, Progress>,
+    ) -> i64 {
+        progress
+            .iter()
+            .filter_map(|(partition, entry)| {
+                let (low, high) = consumer
+                    .fetch_watermarks(topic, *partition, Duration::from_secs(5))
+                    .ok()?;
+                Some((high - entry.next_offset.max(low)).max(0))
+            })
+            .sum()
     }
 
     /// The store's checkpoint of a changelog partition, if the changelog still reaches it. A

@@ -41,7 +41,8 @@ const INIT_TRANSACTIONS: RetryPolicy = RetryPolicy::new(
     Duration::from_millis(500),
     Duration::from_secs(10),
     RetryLimit::Forever,
-);
+)
+.counted_as("init_transactions");
 
 /// Runs the service until `shutdown` completes (SIGTERM in `cdcflow run`; any future in
 /// tests); returns after the last batch is committed and the group is left. Blocks: call it
@@ -61,10 +62,10 @@ pub fn run_service<S: StateStore>(
     };
     let instance = kafka.instance_id.clone().unwrap_or_else(host_name);
     let transactional_id = format!("{}-{}", kafka.group_id, instance);
-    let reporter = Reporter {
-        metrics: options.metrics.clone(),
-        health: Arc::clone(&options.health),
-    };
+    let reporter = Reporter::new(options.metrics.clone(), Arc::clone(&options.health));
+    options
+        .metrics
+        .register_pipelines(pipelines.iter().map(|(_, pipeline)| pipeline.name()));
 
     let producer: Producer = clients::producer(
         kafka,
@@ -87,6 +88,7 @@ pub fn run_service<S: StateStore>(
         &topology.changelogs,
         Arc::clone(&store),
         runtime.clone(),
+        reporter.clone(),
     );
     let write_behind = Arc::new(Mutex::new(WriteBehind::new(
         Arc::clone(&store),

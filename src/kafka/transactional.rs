@@ -25,7 +25,8 @@ const COMMIT_RETRIES: RetryPolicy = RetryPolicy::new(
     Duration::from_millis(50),
     Duration::from_secs(1),
     RetryLimit::Attempts(3),
-);
+)
+.counted_as("commit_transaction");
 
 impl<S: StateStore> Committer<'_, S> {
     /// One transaction: outputs, changelog records, consumed offsets. Returns the changelog
@@ -67,12 +68,24 @@ impl<S: StateStore> Committer<'_, S> {
                 // Kafka bench).
                 self.await_until_failure(deliveries)?;
                 self.await_drained()?;
-                self.commit_with_retries()
+                let started = Instant::now();
+                self.commit_with_retries()?;
+                let metrics = &self.options.metrics;
+                metrics
+                    .commit_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                metrics.transactions.with_label_values(&["committed"]).inc();
+                Ok(())
             });
         match committed {
             Ok(()) => self.delivered(in_flight.unwrap_or_default()),
             Err(BatchFailure::Retry(reason)) => {
                 self.abort()?;
+                self.options
+                    .metrics
+                    .transactions
+                    .with_label_values(&["aborted"])
+                    .inc();
                 // After the abort every delivery has its report: refusals among them say
                 // which records go to the DLQ on the next attempt.
                 match in_flight.map(|mut deliveries| {
@@ -99,7 +112,8 @@ impl<S: StateStore> Committer<'_, S> {
             Duration::from_millis(200),
             Duration::from_secs(5),
             RetryLimit::Within(timeout * 6),
-        );
+        )
+        .counted_as("abort_transaction");
         // The abort must not be cut short by shutdown: an open transaction blocks readers.
         retry("abort_transaction", policy, &Shutdown::new(), || {
             self.producer

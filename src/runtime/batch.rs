@@ -333,7 +333,7 @@ impl<'p> BatchProcessor<'p> {
     ) -> Result<BatchOutcome, StoreError> {
         tally.records_read += batch.records.len() as u64;
         tally.unrouted += batch.unrouted;
-        self.load_missing(&batch, cache, store).await?;
+        self.load_missing(&batch, cache, store, tally).await?;
 
         let mut outcome = BatchOutcome::default();
         let mut dirty: HashMap<(usize, String), i32> = HashMap::new();
@@ -395,6 +395,11 @@ impl<'p> BatchProcessor<'p> {
                     if applied.outputs.len() > applied.event_types.len() {
                         counts.audit_records += 1;
                     }
+                    if applied.next_state.is_some()
+                        && let Some(source_ms) = change.source_ts_ms()
+                    {
+                        counts.source_ts_ms.push(source_ms);
+                    }
                     outcome.outputs.extend(applied.outputs);
                     if let Some(state) = applied.next_state {
                         let entity = change.key.as_str().to_owned();
@@ -430,15 +435,22 @@ impl<'p> BatchProcessor<'p> {
         batch: &DecodedBatch,
         cache: &mut StateCache,
         store: &S,
+        tally: &mut Tally,
     ) -> Result<(), StoreError> {
         let mut missing: Vec<HashSet<&str>> = vec![HashSet::new(); self.pipelines.len()];
+        let mut changes = 0u64;
         for item in &batch.items {
-            if let DecodeOutcome::Change(change) = &item.outcome
-                && !cache.contains(item.pipeline, change.key.as_str())
-            {
-                missing[item.pipeline].insert(change.key.as_str());
+            if let DecodeOutcome::Change(change) = &item.outcome {
+                changes += 1;
+                if !cache.contains(item.pipeline, change.key.as_str()) {
+                    missing[item.pipeline].insert(change.key.as_str());
+                }
             }
         }
+        // A change of an entity loaded for an earlier change of the same batch is a hit.
+        let misses: u64 = missing.iter().map(|entities| entities.len() as u64).sum();
+        tally.cache_misses += misses;
+        tally.cache_hits += changes - misses;
         for (index, entities) in missing.into_iter().enumerate() {
             if entities.is_empty() {
                 continue;

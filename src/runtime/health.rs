@@ -1,11 +1,17 @@
 //! What the service reports as its health: `/healthz` answers while the process runs,
 //! `/readyz` only while it is doing its job.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::Duration;
 
-/// Readiness of `cdcflow run`, updated by the service and read by the HTTP endpoint.
+use super::now_ms;
+
+/// Liveness and readiness of `cdcflow run`, updated by the service and read by the HTTP
+/// endpoint.
 #[derive(Debug, Default)]
 pub struct Health {
+    /// When the process loop last showed progress (Unix ms; 0 before it started).
+    heartbeat_ms: AtomicI64,
     joined: AtomicBool,
     restoring: AtomicBool,
     failing: AtomicBool,
@@ -14,6 +20,27 @@ pub struct Health {
 }
 
 impl Health {
+    /// The process loop is alive: called on every turn of the consume loop and while a long
+    /// restore makes progress.
+    pub fn beat(&self) {
+        self.heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// `Ok` while the loop has shown progress within `stall_after` (or has not started yet:
+    /// start-up waits for brokers with its own limits); otherwise how long it has been stuck.
+    pub fn liveness(&self, stall_after: Duration) -> Result<(), Duration> {
+        let last = self.heartbeat_ms.load(Ordering::Relaxed);
+        if last == 0 {
+            return Ok(());
+        }
+        let silent = Duration::from_millis((now_ms() - last).max(0) as u64);
+        if silent > stall_after {
+            Err(silent)
+        } else {
+            Ok(())
+        }
+    }
+
     /// The service has prepared its topics and joined its consumer group.
     pub fn set_joined(&self, joined: bool) {
         self.joined.store(joined, Ordering::SeqCst);
@@ -86,5 +113,20 @@ mod tests {
         assert_eq!(health.readiness(), Ok(()));
         health.set_stopping();
         assert_eq!(health.readiness(), Err("stopping"));
+    }
+
+    /// Alive before the loop starts and while it beats; stuck once it has not beaten for
+    /// longer than the limit.
+    #[test]
+    fn liveness_follows_the_heartbeat() {
+        let health = Health::default();
+        assert_eq!(health.liveness(Duration::from_secs(1)), Ok(()));
+        health.beat();
+        assert_eq!(health.liveness(Duration::from_secs(60)), Ok(()));
+        health
+            .heartbeat_ms
+            .store(now_ms() - 5_000, Ordering::Relaxed);
+        let stuck = health.liveness(Duration::from_secs(2)).unwrap_err();
+        assert!(stuck >= Duration::from_secs(5), "{stuck:?}");
     }
 }

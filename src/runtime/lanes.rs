@@ -95,13 +95,17 @@ impl Lanes {
         self.caches.iter().any(StateCache::over_capacity)
     }
 
-    /// Evicts the least recently used entries of full caches. The store must hold every
-    /// committed state first.
-    pub fn evict(&mut self) {
+    /// Evicts the least recently used entries of full caches; returns how many. The store
+    /// must hold every committed state first.
+    pub fn evict(&mut self) -> usize {
+        let mut evicted = 0;
         for cache in &mut self.caches {
             if cache.over_capacity() {
+                let before = cache.len();
                 cache.evict_least_recently_used();
+                evicted += before - cache.len();
             }
         }
+        evicted
     }
 }

@@ -22,7 +22,9 @@ pub use health::Health;
 pub use kcat::{KcatLineError, parse_kcat_line, write_output_line};
 pub use lanes::Lanes;
 pub use replay::{ReplayError, ReplayOptions, SharedPipelines, replay};
-pub use retry::{Attempt, Jitter, RetryError, RetryLimit, RetryPolicy, retry};
+pub use retry::{
+    Attempt, Jitter, RetryError, RetryLimit, RetryPolicy, count_retry, retry, retry_counts,
+};
 pub use shutdown::{Shutdown, Stopping};
 
 /// Wall-clock milliseconds since the epoch: the time of DLQ and audit records. The pure core

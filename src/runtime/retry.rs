@@ -4,9 +4,11 @@
 //! Jitter matters for a consumer group: after a broker restart every instance fails at the
 //! same moment, and without it they would all retry in lock-step.
 
+use std::collections::BTreeMap;
 use std::collections::hash_map::RandomState;
 use std::fmt::Display;
 use std::hash::BuildHasher;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::shutdown::Shutdown;
@@ -29,6 +31,31 @@ pub struct RetryPolicy {
     pub initial: Duration,
     pub max: Duration,
     pub limit: RetryLimit,
+    /// What is retried, for `cdcflow_retries_total{kind}`.
+    pub kind: &'static str,
+}
+
+/// Retries since start, by kind: every retry loop of the process counts here, and the
+/// metrics endpoint exports the table (`cdcflow_retries_total`).
+static RETRIES: Mutex<BTreeMap<&'static str, u64>> = Mutex::new(BTreeMap::new());
+
+/// Counts one retry of `kind` (for retries outside [`retry`], such as a whole batch).
+pub fn count_retry(kind: &'static str) {
+    *RETRIES
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .entry(kind)
+        .or_default() += 1;
+}
+
+/// The retries since start, by kind.
+pub fn retry_counts() -> Vec<(&'static str, u64)> {
+    RETRIES
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+        .map(|(kind, count)| (*kind, *count))
+        .collect()
 }
 
 impl RetryPolicy {
@@ -37,7 +64,14 @@ impl RetryPolicy {
             initial,
             max,
             limit,
+            kind: "other",
         }
+    }
+
+    /// Names what the policy retries, for the retry counts.
+    pub const fn counted_as(mut self, kind: &'static str) -> RetryPolicy {
+        self.kind = kind;
+        self
     }
 
     /// The wait before retry number `retry` (0 for the first): the capped exponential delay
@@ -125,6 +159,7 @@ pub fn retry<T, E: Display>(
             return Err(RetryError::Failed { error, attempts });
         }
         tracing::warn!(%error, attempt = attempts, retry_in = ?wait, "{what} failed; retrying");
+        count_retry(policy.kind);
         if shutdown.sleep(wait).is_err() {
             return Err(RetryError::Stopped);
         }

@@ -16,7 +16,7 @@ use thiserror::Error;
 use crate::engine::EntityState;
 
 pub use memory::MemoryStore;
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteStore, StoreStats};
 pub use write_behind::WriteBehind;
 
 /// A state row to write: the pipeline, the entity and its new state.
