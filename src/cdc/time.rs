@@ -27,6 +27,77 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (year, month, day)
 }
 
+/// Days since 1970-01-01 of a (year, month, day): the inverse of [`civil_from_days`].
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let year = year - i64::from(month <= 2);
+    let era = year.div_euclid(400);
+    let year_of_era = year.rem_euclid(400);
+    let month_index = i64::from(if month > 2 { month - 3 } else { month + 9 });
+    let day_of_year = (153 * month_index + 2) / 5 + i64::from(day) - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
+/// Epoch milliseconds of an RFC 3339 UTC time: `2026-11-30T05:00:00Z`, with optional
+/// fractional seconds and a `+hh:mm` / `-hh:mm` offset instead of `Z`. `None` if malformed.
+pub fn parse_rfc3339_millis(text: &str) -> Option<i64> {
+    let bytes = text.as_bytes();
+    let number = |range: std::ops::Range<usize>| -> Option<i64> {
+        let part = text.get(range)?;
+        part.bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| part.parse().ok())?
+    };
+    if bytes.len() < 20
+        || bytes[4] != b'-'
+        || bytes[7] != b'-'
+        || !matches!(bytes[10], b'T' | b't' | b' ')
+    {
+        return None;
+    }
+    if bytes[13] != b':' || bytes[16] != b':' {
+        return None;
+    }
+    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
+    let (hour, minute, second) = (number(11..13)?, number(14..16)?, number(17..19)?);
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let mut rest = &text[19..];
+    let mut millis = 0i64;
+    if let Some(fraction) = rest.strip_prefix('.') {
+        let digits = fraction.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        let padded = format!("{:0<3}", &fraction[..digits.min(3)]);
+        millis = padded.parse().ok()?;
+        rest = &fraction[digits..];
+    }
+    let offset_minutes = match rest {
+        "Z" | "z" => 0,
+        _ if rest.len() == 6 && rest.as_bytes()[3] == b':' => {
+            let sign = match rest.as_bytes()[0] {
+                b'+' => 1,
+                b'-' => -1,
+                _ => return None,
+            };
+            let hours: i64 = rest[1..3].parse().ok()?;
+            let minutes: i64 = rest[4..6].parse().ok()?;
+            sign * (hours * 60 + minutes)
+        }
+        _ => return None,
+    };
+    let days = days_from_civil(year, month as u32, day as u32);
+    let seconds = days * 86_400 + hour * 3_600 + minute * 60 + second - offset_minutes * 60;
+    Some(seconds * 1_000 + millis)
+}
+
 /// `YYYY-MM-DD` for days since the epoch.
 pub(crate) fn format_date(days: i64) -> String {
     let (year, month, day) = civil_from_days(days);
@@ -127,5 +198,38 @@ mod tests {
         assert_eq!(format_time(45_296_789, 1_000_000, 3), "12:34:56.789");
         assert_eq!(format_time(45_296_789_012, 1_000, 6), "12:34:56.789012");
         assert_eq!(format_time(0, 1, 9), "00:00:00.000000000");
+    }
+
+    /// RFC 3339 times parse back to the epoch milliseconds that format to them, offsets and
+    /// fractions included; malformed text is refused.
+    #[test]
+    fn rfc3339_parses_to_epoch_millis() {
+        for millis in [
+            0i64,
+            1_732_528_863_123,
+            -86_400_000,
+            951_782_400_000,
+            4_102_444_800_000,
+        ] {
+            let text = format_epoch_millis(millis);
+            assert_eq!(parse_rfc3339_millis(&text), Some(millis), "{text}");
+        }
+        assert_eq!(
+            parse_rfc3339_millis("2026-11-30T05:00:00Z"),
+            Some(1_796_014_800_000)
+        );
+        assert_eq!(
+            parse_rfc3339_millis("2026-11-30T07:00:00+02:00"),
+            parse_rfc3339_millis("2026-11-30T05:00:00Z")
+        );
+        assert_eq!(parse_rfc3339_millis("1970-01-01T00:00:00.5Z"), Some(500));
+        for bad in [
+            "2026-11-30",
+            "2026-13-01T00:00:00Z",
+            "2026-11-30T05:00:00",
+            "yesterday",
+        ] {
+            assert_eq!(parse_rfc3339_millis(bad), None, "{bad}");
+        }
     }
 }

@@ -15,6 +15,8 @@ pub mod headers {
     pub const ORIGIN_TOPIC: &str = "cdcflow.origin.topic";
     pub const ORIGIN_PARTITION: &str = "cdcflow.origin.partition";
     pub const ORIGIN_OFFSET: &str = "cdcflow.origin.offset";
+    /// The entity's key, on failures after the key was read (`cdcflow dlq --key`, parking).
+    pub const ENTITY: &str = "cdcflow.entity";
     /// Set when the original key and value were too large to keep: their size in bytes.
     pub const VALUE_DROPPED: &str = "cdcflow.value.dropped";
 }

@@ -130,6 +130,10 @@ impl<S: StateStore> Worker<'_, S> {
                 let evicted = self.lanes.evict();
                 self.options.metrics.cache_evictions.inc_by(evicted as u64);
             }
+            // Whatever the batch logs (a retry, a refusal) carries its pipelines, partitions
+            // and offsets.
+            let span = batch_span(self.pipelines, &records);
+            let _in_batch = span.enter();
             let started = Instant::now();
             let first_fetched = first_fetched.unwrap_or(started);
             let processed = match self.process(records, bytes, first_fetched) {
@@ -597,6 +601,40 @@ impl<S: StateStore> Worker<'_, S> {
     }
 }
 
+/// The span of one batch: the pipelines that read it and, per partition, its first and last
+/// offsets (`orders/0@120..359`).
+fn batch_span(pipelines: &SharedPipelines, records: &[RawRecord]) -> tracing::Span {
+    let mut ranges: std::collections::BTreeMap<(&str, i32), (i64, i64)> =
+        std::collections::BTreeMap::new();
+    // Records of a partition come in runs: one map look-up per run, not per record.
+    for run in records.chunk_by(|a, b| a.partition == b.partition && a.topic == b.topic) {
+        let (first, last) = (&run[0], &run[run.len() - 1]);
+        let range = ranges
+            .entry((&first.topic, first.partition))
+            .or_insert((first.offset, last.offset));
+        range.0 = range.0.min(first.offset);
+        range.1 = range.1.max(last.offset);
+    }
+    let offsets = ranges
+        .iter()
+        .map(|((topic, partition), (first, last))| format!("{topic}/{partition}@{first}..{last}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let pipelines = pipelines
+        .iter()
+        .filter(|(route, _)| ranges.keys().any(|(topic, _)| route.matches(topic)))
+        .map(|(_, pipeline)| pipeline.name())
+        .collect::<Vec<_>>()
+        .join(",");
+    tracing::info_span!(
+        "batch",
+        pipelines = %pipelines,
+        partitions = ranges.len(),
+        offsets = %offsets,
+        records = records.len()
+    )
+}
+
 /// The offset after the last record of each partition in the batch.
 fn next_offsets(records: &[RawRecord]) -> TopicPartitionList {
     let mut next: std::collections::HashMap<(&str, i32), i64> = std::collections::HashMap::new();
@@ -624,7 +662,7 @@ fn record_bytes(record: &RawRecord) -> usize {
             .sum::<usize>()
 }
 
-fn raw_record<M: Message>(message: &M) -> RawRecord {
+pub(super) fn raw_record<M: Message>(message: &M) -> RawRecord {
     RawRecord {
         topic: message.topic().to_owned(),
         partition: message.partition(),

@@ -21,6 +21,8 @@
 //! - `report`: one function per runtime event (logs and counts), and the clients' context.
 //! - `features`: librdkafka's `builtin.features`, checked against what the config asks.
 //! - `error`: [`ServiceError`], every reason the service stops.
+//! - [`tools`](self::tools): reading topics to their end and writing records back, for the
+//!   operator's commands (`cdcflow dlq`, `cdcflow state get --from-changelog`).
 //!
 //! Committed state is written behind by [`crate::store::WriteBehind`].
 
@@ -36,6 +38,7 @@ mod rebalance;
 mod report;
 mod restore;
 mod service;
+pub mod tools;
 mod transactional;
 
 pub use error::ServiceError;

@@ -373,6 +373,7 @@ impl<'p> BatchProcessor<'p> {
                     continue;
                 }
                 DecodeOutcome::Failed(failure) => {
+                    tracing::debug!(origin = %record.origin(), reason = failure.reason, "record dead-lettered");
                     counts.count_dlq(failure.reason);
                     outcome.outputs.push(dead_letter(&failure));
                     outcome.note_origins(outputs_before, pipeline_index, record);
@@ -408,8 +409,14 @@ impl<'p> BatchProcessor<'p> {
                     }
                 }
                 Err(failure) => {
+                    tracing::debug!(origin = %record.origin(), reason = failure.reason, "record dead-lettered");
                     counts.count_dlq(failure.reason);
-                    outcome.outputs.push(dead_letter(&failure));
+                    let mut letter = dead_letter(&failure);
+                    letter.headers.push((
+                        crate::engine::output_headers::ENTITY.to_owned(),
+                        change.key.as_str().as_bytes().to_vec(),
+                    ));
+                    outcome.outputs.push(letter);
                 }
             }
             outcome.note_origins(outputs_before, pipeline_index, record);

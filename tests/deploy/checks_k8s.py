@@ -1,4 +1,5 @@
-"""The Kubernetes manifests: schemas, what they promise each other, and the alert rules."""
+"""The Kubernetes manifests: schemas, what they promise each other, and the alert rules (their
+metric names: checks_metrics.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import yaml
 
 from deploy_files import (
     ALERTS,
+    ALERTS_TEST,
     CMD,
     CONFIG_PATH,
     CONFIG_SCHEMA,
@@ -262,7 +264,8 @@ def check_k8s(root: Path) -> None:
 
 def check_rules(root: Path, outdir: Path) -> None:
     """Writes the PrometheusRule's groups to OUTDIR/prometheusrule-groups.yml for promtool and
-    checks them against deploy/prometheus/cdcflow-alerts.yml and cdcflow's metrics."""
+    checks them against deploy/prometheus/cdcflow-alerts.yml, the alerts the deployment must
+    carry, their labels and annotations, and the unit tests' coverage."""
     problems = Problems()
     rules = [(rel, d) for rel, d in k8s_documents(root) if d.get("kind") == "PrometheusRule"]
     if not rules:
@@ -286,14 +289,27 @@ def check_rules(root: Path, outdir: Path) -> None:
     for what, pattern in REQUIRED_ALERTS:
         if not re.search(pattern, exprs):
             problems.add(rel, f"no alert on {what} (an expression matching {pattern})")
-    declared = set(re.findall(r'"(cdcflow_[a-z_]+)"', (root / "src/metrics.rs").read_text()))
-    for used in sorted(set(re.findall(r"\b(cdcflow_[a-z_]+)", exprs))):
-        base = re.sub(r"_(bucket|count|sum)$", "", used)
-        if used not in declared and base not in declared:
-            problems.add(rel, f"`{used}` is not a metric of src/metrics.rs")
+    # The metric names are checked by the metric-names check (checks_metrics.py).
+    names = [str(r["alert"]) for r in alerts]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.add(rel, f"alert {name} is defined {names.count(name)} times: give each its own name")
     for r in alerts:
-        if "severity" not in (r.get("labels") or {}) or "summary" not in (r.get("annotations") or {}):
-            problems.add(rel, f"alert {r['alert']}: give it a severity label and a summary annotation")
+        annotations = r.get("annotations") or {}
+        if "severity" not in (r.get("labels") or {}) or not {"summary", "description"} <= set(annotations):
+            problems.add(
+                rel, f"alert {r['alert']}: give it a severity label and summary and description annotations"
+            )
+    # Every alert has a unit test: promtool only runs the cases there are.
+    tested = {
+        str(case.get("alertname"))
+        for test in (read_yaml(root / ALERTS_TEST) or {}).get("tests") or []
+        for case in test.get("alert_rule_test") or []
+    }
+    for name in sorted(set(names) - tested):
+        problems.add(ALERTS_TEST, f"no alert_rule_test case for alert {name} of {rel}")
+    for name in sorted(tested - set(names)):
+        problems.add(ALERTS_TEST, f"cases for alert {name}, which {rel} does not define")
     problems.finish(
-        f"{len(groups)} groups, {len(alerts)} alerts; group(s) {[g.get('name') for g in compose_groups]} equal {ALERTS}"
+        f"{len(groups)} groups, {len(alerts)} alerts, each with a case in {ALERTS_TEST}; "
+        f"group(s) {[g.get('name') for g in compose_groups]} equal {ALERTS}"
     )

@@ -21,6 +21,10 @@ COMPOSE = "docker-compose.yml"
 DOCKERFILE = "deploy/docker/Dockerfile"
 K8S_DIR = "deploy/k8s"
 ALERTS = "deploy/prometheus/cdcflow-alerts.yml"
+ALERTS_TEST = "tests/deploy/alerts.test.yml"
+DASHBOARD = "deploy/grafana/cdcflow.json"
+# Where cdcflow declares every metric family, each name a string literal.
+METRICS_SOURCE = "src/metrics/mod.rs"
 PROMETHEUS_CONFIG = "deploy/prometheus/prometheus.yml"
 CONFIG_SCHEMA = "schemas/config.schema.json"
 SHOP_CONFIG = "examples/shop.toml"
@@ -42,8 +46,14 @@ ENV_PREFIX = "CDCFLOW__"
 # Alerts the deployment must carry: (what, a pattern its expression must match).
 REQUIRED_ALERTS = [
     ("a rising DLQ rate", r"rate\(cdcflow_dlq_records_total\b"),
+    ("the DLQ's share of the input", r"increase\(cdcflow_dlq_records_total\[[^]]+\]\)\)\s*/"),
+    ("parked entities", r"\(cdcflow_parked_entities\) > 0"),
     ("retried batches", r'cdcflow_batches_total\{[^}]*result="retried"'),
+    ("aborted transactions", r'cdcflow_transactions_total\{[^}]*result="aborted"'),
     ("a stale last commit", r"time\(\) - cdcflow_last_commit_timestamp_seconds"),
+    ("a growing committed lag", r"deriv\(cdcflow_consumer_committed_lag_records\["),
+    ("lag without progress", r"increase\(cdcflow_records_total\[[^]]+\]\)\) == 0"),
+    ("an instance that is not ready", r"cdcflow_ready == 0"),
     ("unreachable brokers", r"cdcflow_kafka_brokers_reachable == 0"),
     ("a pod that is not ready", r'kube_pod_status_ready\{[^}]*condition="true"'),
 ]
@@ -64,6 +74,29 @@ class Problems:
             sys.exit(1)
         print(detail)
         sys.exit(0)
+
+
+# ------------------------------------------------------------------------------ metrics --
+
+
+def declared_metric_families(root: Path) -> set[str]:
+    """The families of src/metrics/mod.rs: every string literal that is a whole cdcflow_ name."""
+    return set(re.findall(r'"(cdcflow_[a-z0-9_]+)"', (root / METRICS_SOURCE).read_text()))
+
+
+def metric_names(text: str) -> set[str]:
+    """Every cdcflow_ name in a PromQL expression or a text. Label values such as job="cdcflow"
+    or pod=~"cdcflow-0" are not one; a label value spelled like a metric name would count."""
+    return set(re.findall(r"(?<![A-Za-z0-9_:])(cdcflow_[A-Za-z0-9_:]*[A-Za-z0-9_])", text))
+
+
+def metric_family(name: str, declared: set[str]) -> str | None:
+    """The declared family a series name belongs to: itself, or a histogram's family without
+    its _bucket, _sum or _count suffix; None when there is none."""
+    if name in declared:
+        return name
+    base = re.sub(r"_(bucket|sum|count)$", "", name)
+    return base if base in declared else None
 
 
 # ------------------------------------------------------------------------------ readers --
