@@ -1,7 +1,7 @@
 //! The `cdcflow` command line: parse arguments, load the config, call the library.
 
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,10 +10,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use cdcflow::config::Config;
 use cdcflow::kafka::{ClientLibrary, ServiceOptions, run_service};
-use cdcflow::metrics::{Metrics, Tally};
+use cdcflow::metrics::{self, Metrics, Tally};
 use cdcflow::runtime::{Health, ReplayOptions, SharedPipelines, replay};
 use cdcflow::store::{MemoryStore, SqliteStore, StateStore};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
+mod cli;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -92,6 +94,17 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Look into and act on the dead-letter topics: list, replay after a fix, discard.
+    Dlq {
+        #[command(subcommand)]
+        action: cli::operate::DlqAction,
+    },
+    /// Look into the entity state: one entity (from the local store or the changelog), or
+    /// the store's totals.
+    State {
+        #[command(subcommand)]
+        action: cli::operate::StateAction,
+    },
     /// Validate a config and print the compiled pipelines; exits non-zero with the key and
     /// the fix when the config is invalid.
     Check {
@@ -123,6 +136,8 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Check { config } => check(&config),
+        Command::Dlq { action } => small_runtime()?.block_on(cli::operate::dlq(action)),
+        Command::State { action } => small_runtime()?.block_on(cli::operate::state(action)),
         Command::Run { config } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -148,12 +163,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// A runtime for the operator's commands: one worker, blocking reads on their own threads.
+fn small_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
 /// `cdcflow --version`: the build, and what its librdkafka can do (TLS, SASL, codecs).
 fn long_version() -> String {
     let library = ClientLibrary::linked();
     format!(
-        "{}\nlibrdkafka {}\nbuiltin.features: {}",
-        env!("CARGO_PKG_VERSION"),
+        "{} (git {}, rustc {})\nlibrdkafka {}\nbuiltin.features: {}",
+        metrics::BUILD_VERSION,
+        metrics::BUILD_GIT_SHA,
+        metrics::BUILD_RUSTC,
         library.version,
         library.features.join(",")
     )
@@ -318,12 +344,20 @@ async fn run_inputs<S: StateStore>(
     };
     let mut total = Tally::default();
     for path in inputs {
-        let reader: Box<dyn BufRead + Send> = if path.as_os_str() == "-" {
-            Box::new(BufReader::new(io::stdin()))
+        let (reader, size): (Box<dyn BufRead + Send>, Option<u64>) = if path.as_os_str() == "-" {
+            (Box::new(BufReader::new(io::stdin())), None)
         } else {
             let file = File::open(path)
                 .with_context(|| format!("cannot open replay input `{}`", path.display()))?;
-            Box::new(BufReader::with_capacity(1 << 16, file))
+            let size = file.metadata().ok().map(|metadata| metadata.len());
+            (Box::new(BufReader::with_capacity(1 << 16, file)), size)
+        };
+        let progress = io::stderr()
+            .is_terminal()
+            .then(|| cli::progress::ReplayProgress::new(path, size));
+        let reader: Box<dyn BufRead + Send> = match &progress {
+            Some(progress) => Box::new(progress.wrap(reader)),
+            None => reader,
         };
         let tally = replay(
             Arc::clone(pipelines),
@@ -335,6 +369,9 @@ async fn run_inputs<S: StateStore>(
         )
         .await
         .with_context(|| format!("replay of `{}` stopped", path.display()))?;
+        if let Some(progress) = progress {
+            progress.finish();
+        }
         total.merge(tally);
     }
     output.flush().context("cannot flush stdout")?;
@@ -362,7 +399,12 @@ fn print_summary(tally: &Tally, elapsed: std::time::Duration) {
         tally.decisions("duplicate"),
         tally.decisions("stale")
     );
-    for counts in &tally.pipelines {
+    // A pipeline no record reached has no name in the tally: nothing to show.
+    for counts in tally
+        .pipelines
+        .iter()
+        .filter(|counts| !counts.name.is_empty())
+    {
         let _ = writeln!(err, "pipeline `{}`:", counts.name);
         let _ = writeln!(err, "  decisions: {:?}", counts.decisions);
         if !counts.skipped.is_empty() {
