@@ -107,6 +107,7 @@ fn bench_decode_and_process(c: &mut Criterion) {
         version: Version::new(vec![24_023_000, 24_023_100]),
         image: Some(row("pending", "110.00").to_string().into()),
         updated_at_ms: 0,
+        parked: None,
     };
     let mut group = c.benchmark_group("decode_and_process");
     group.throughput(Throughput::Elements(1));

@@ -366,7 +366,15 @@ pub(crate) async fn state(action: StateAction) -> anyhow::Result<()> {
             );
             for pipeline in &config.pipelines {
                 let entities = stats.entities.get(&pipeline.name).copied().unwrap_or(0);
-                println!("  pipeline {}: {entities} entities", pipeline.name);
+                let parked = stats
+                    .parked_entities
+                    .get(&pipeline.name)
+                    .copied()
+                    .unwrap_or(0);
+                println!(
+                    "  pipeline {}: {entities} entities, {parked} parked behind a dead letter",
+                    pipeline.name
+                );
             }
             for (pipeline, entities) in &stats.entities {
                 if !config.pipelines.iter().any(|p| &p.name == pipeline) {
@@ -411,12 +419,24 @@ fn state_json(pipeline: &str, state: &EntityState, source: &str) -> serde_json::
     let image = state.image.as_deref().map(|text| {
         serde_json::from_str::<serde_json::Value>(text).unwrap_or_else(|_| text.into())
     });
+    let parked = state.parked.as_ref().map(|parked| {
+        serde_json::json!({
+            "behind": parked.blocker.to_string(),
+            "entity_absent": parked.entity_absent,
+            "changes": parked
+                .changes
+                .iter()
+                .map(|change| change.origin().to_string())
+                .collect::<Vec<_>>(),
+        })
+    });
     serde_json::json!({
         "pipeline": pipeline,
         "version": state.version.sequence(),
         "deleted": state.is_deleted(),
         "updated_at": format_epoch_millis(state.updated_at_ms),
         "image": image,
+        "parked": parked,
         "source": source,
     })
 }

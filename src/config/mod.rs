@@ -261,6 +261,12 @@ impl Config {
         let mut names = HashSet::new();
         for (index, pipeline) in self.pipelines.iter().enumerate() {
             let at = |key: &str| format!("pipeline[{index}].{key}");
+            if pipeline.park_limit == 0 {
+                return Err(invalid(
+                    at("park_limit"),
+                    "must be at least 1 (it only matters with dlq_policy = \"park\")",
+                ));
+            }
             if !is_identifier(&pipeline.name) {
                 return Err(invalid(
                     at("name"),
@@ -439,6 +445,8 @@ impl Config {
                     event_source: format!("{}/{}", self.events.source_prefix, pipeline.name),
                     event_mode: self.events.mode.to_mode(),
                     max_output_bytes: self.limits.max_output_bytes,
+                    dlq_policy: pipeline.dlq_policy,
+                    park_limit: pipeline.park_limit,
                     unavailable: pipeline
                         .unavailable_value_placeholder
                         .as_deref()

@@ -222,6 +222,17 @@ pub struct PipelineConfig {
     /// default.
     #[serde(default)]
     pub audit_topic: Option<String>,
+    /// What happens to an entity's later changes once one of its changes is dead-lettered:
+    /// `continue` (default: they are processed) or `park` (they wait behind it, in order and
+    /// durably, until `cdcflow dlq replay` or `cdcflow dlq discard` releases it).
+    #[serde(default)]
+    pub dlq_policy: crate::engine::DlqPolicy,
+    /// With `dlq_policy = "park"`: the most changes one entity parks; a change beyond it
+    /// goes to the DLQ with reason `park_limit_reached` (parked changes travel inside the
+    /// entity's changelog record, which must stay under the topic's max.message.bytes).
+    /// Default 100.
+    #[serde(default = "default_park_limit")]
+    pub park_limit: usize,
     /// The Debezium connector's `unavailable.value.placeholder` (what an unchanged TOASTed
     /// column carries with Postgres' REPLICA IDENTITY DEFAULT). A field holding it (as text,
     /// base64 or hex bytes, or an array of it) takes the entity's stored value before rules
@@ -232,6 +243,10 @@ pub struct PipelineConfig {
     /// The rules that derive business events.
     #[serde(rename = "rule", default)]
     pub rules: Vec<RuleConfig>,
+}
+
+fn default_park_limit() -> usize {
+    100
 }
 
 impl PipelineConfig {

@@ -1,5 +1,6 @@
 //! The version gate: newer is applied, equal is a duplicate, older is stale.
 
+use super::park::Parked;
 use super::version::Version;
 
 use std::sync::Arc;
@@ -15,11 +16,45 @@ pub struct EntityState {
     pub image: Option<Arc<str>>,
     /// Source time of the last applied change, epoch milliseconds.
     pub updated_at_ms: i64,
+    /// Changes waiting behind a dead-lettered one (`dlq_policy = "park"`).
+    pub parked: Option<Arc<Parked>>,
 }
 
 impl EntityState {
     pub fn is_deleted(&self) -> bool {
         self.image.is_none()
+    }
+
+    /// The state before anything was parked: what the gate compares against. `None` when the
+    /// entity had no state of its own (it exists only to park).
+    pub fn without_parked(&self) -> Option<EntityState> {
+        match &self.parked {
+            Some(parked) if parked.entity_absent => None,
+            _ => Some(EntityState {
+                parked: None,
+                ..self.clone()
+            }),
+        }
+    }
+
+    /// The state of an entity with nothing stored that parks changes: the lowest version, no
+    /// image (the gate never sees it: [`EntityState::without_parked`] is `None`).
+    pub fn parking_only(parked: Arc<Parked>) -> EntityState {
+        EntityState {
+            parked: Some(parked),
+            ..EntityState::absent()
+        }
+    }
+
+    /// The state of an entity released from parking that never had state of its own: like a
+    /// deletion at the lowest version, so that any change of it applies.
+    pub fn absent() -> EntityState {
+        EntityState {
+            version: Version::new(vec![0]),
+            image: None,
+            updated_at_ms: 0,
+            parked: None,
+        }
     }
 }
 
@@ -65,6 +100,7 @@ mod tests {
             version: Version::new(components.to_vec()),
             image: Some("{}".into()),
             updated_at_ms: 0,
+            parked: None,
         }
     }
 

@@ -8,6 +8,7 @@ use super::event::{BusinessEvent, EventMode, event_id};
 use super::failure::{RecordFailure, Stage};
 use super::gate::{Decision, EntityState, decide};
 use super::output::{self, DroppedChange, OutputRecord};
+use super::park::{Discard, DlqPolicy, control_record};
 use super::rules::{CompiledRules, RuleInput};
 use super::unavailable::UnavailablePlaceholder;
 use super::version::{Version, VersionSpec};
@@ -30,6 +31,10 @@ pub struct PipelineSettings {
     /// whose event would be larger goes to the DLQ instead of failing at the broker.
     pub max_output_bytes: usize,
     pub event_mode: EventMode,
+    /// Whether an entity's later changes wait behind a dead-lettered one.
+    pub dlq_policy: DlqPolicy,
+    /// The most changes one entity parks.
+    pub park_limit: usize,
     /// The connector's `unavailable.value.placeholder`: fields holding it take the stored
     /// value before rules run.
     pub unavailable: UnavailablePlaceholder,
@@ -50,6 +55,9 @@ pub enum DecodeOutcome {
     Change(Box<Change>),
     Skip(SkipReason),
     Failed(RecordFailure),
+    /// A control record of `cdcflow dlq discard`; `None` when it names no entity (or an
+    /// action this version does not know): it is skipped.
+    Control(Option<Discard>),
 }
 
 /// The outcome of a change that passed the gate (or was dropped by it).
@@ -90,6 +98,12 @@ impl Pipeline {
     }
 
     pub fn decode(&self, record: &RawRecord) -> DecodeOutcome {
+        // Control records carry a header; most records carry none, so this costs nothing.
+        if !record.headers.is_empty()
+            && let Some(control) = control_record(record)
+        {
+            return DecodeOutcome::Control(control);
+        }
         match self.settings.decoder.decode(record) {
             Ok(Decoded::Change(change)) => DecodeOutcome::Change(change),
             Ok(Decoded::Skip(reason)) => DecodeOutcome::Skip(reason),
@@ -263,6 +277,7 @@ impl Pipeline {
             version: version.clone(),
             image,
             updated_at_ms: change.source_ts_ms().unwrap_or(now_ms),
+            parked: None,
         };
         Ok(Applied {
             decision,

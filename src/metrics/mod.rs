@@ -418,6 +418,11 @@ impl Metrics {
                 .with_label_values(&[pipeline])
                 .set(i64::try_from(*entities).unwrap_or(i64::MAX));
         }
+        for (pipeline, parked) in &stats.parked_entities {
+            self.parked_entities
+                .with_label_values(&[pipeline])
+                .set(i64::try_from(*parked).unwrap_or(i64::MAX));
+        }
     }
 
     /// Records how long a phase of one batch took.
@@ -467,6 +472,16 @@ impl Metrics {
                 self.audit_records
                     .with_label_values(&[name])
                     .inc_by(counts.audit_records);
+            }
+            if counts.parked_changes > 0 {
+                self.parked_changes
+                    .with_label_values(&[name])
+                    .inc_by(counts.parked_changes);
+            }
+            if counts.unparked_changes > 0 {
+                self.unparked_changes
+                    .with_label_values(&[name])
+                    .inc_by(counts.unparked_changes);
             }
             if !counts.source_ts_ms.is_empty() {
                 let latency = self.end_to_end_latency.with_label_values(&[name]);

@@ -19,6 +19,9 @@ pub struct PipelineTally {
     /// The source commit time (`source.ts_ms`) of each applied change, for the end-to-end
     /// latency observed once its batch commits.
     pub source_ts_ms: Vec<i64>,
+    /// Changes parked behind a dead letter, and parked changes released.
+    pub parked_changes: u64,
+    pub unparked_changes: u64,
 }
 
 impl PipelineTally {
@@ -119,6 +122,8 @@ impl Tally {
             }
             target.audit_records += counts.audit_records;
             target.source_ts_ms.extend(counts.source_ts_ms);
+            target.parked_changes += counts.parked_changes;
+            target.unparked_changes += counts.unparked_changes;
         }
     }
 }

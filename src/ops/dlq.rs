@@ -12,6 +12,7 @@ use thiserror::Error;
 
 use crate::cdc::{Header, Origin, RawRecord, parse_rfc3339_millis};
 use crate::engine::output_headers as headers;
+pub use crate::engine::park::{parse_origin, replay_headers};
 
 /// One record of a DLQ topic, with its cdcflow headers read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,19 +66,6 @@ pub enum DlqError {
     BadTime { option: &'static str, value: String },
 }
 
-/// Header names of the records `cdcflow dlq` writes into an input topic.
-pub mod replay_headers {
-    /// The input record the change first failed at (`topic/partition/offset`).
-    pub const ORIGIN: &str = "cdcflow.replay.origin";
-    /// The DLQ record that was replayed or discarded (`topic/partition/offset`).
-    pub const OF: &str = "cdcflow.replay.of";
-    /// On a control record: what to do (`discard`).
-    pub const CONTROL: &str = "cdcflow.control";
-    /// On a control record: the pipeline and entity it is for.
-    pub const PIPELINE: &str = "cdcflow.control.pipeline";
-    pub const ENTITY: &str = "cdcflow.control.entity";
-}
-
 fn header_text(record: &RawRecord, name: &str) -> Option<String> {
     // The last one wins: a record dead-lettered again after a replay carries its first
     // failure's headers too.
@@ -89,17 +77,6 @@ fn header_text(record: &RawRecord, name: &str) -> Option<String> {
         .map(|header| {
             String::from_utf8_lossy(header.value.as_deref().unwrap_or_default()).into_owned()
         })
-}
-
-/// Parses `topic/partition/offset` (topics may contain `/`: the last two parts are numbers).
-pub fn parse_origin(text: &str) -> Option<Origin> {
-    let (rest, offset) = text.rsplit_once('/')?;
-    let (topic, partition) = rest.rsplit_once('/')?;
-    Some(Origin {
-        topic: topic.to_owned(),
-        partition: partition.parse().ok()?,
-        offset: offset.parse().ok()?,
-    })
 }
 
 impl DeadLetter {

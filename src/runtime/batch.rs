@@ -3,8 +3,10 @@
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 
+use super::park::Step;
 use crate::cdc::{Origin, RawRecord};
 use crate::config::TopicRoute;
+use crate::engine::DlqPolicy;
 use crate::engine::{DecodeOutcome, EntityState, OutputRecord, Pipeline, RecordFailure, Stage};
 use crate::metrics::Tally;
 use crate::store::{StateStore, StateWrite, StoreError};
@@ -220,7 +222,7 @@ impl DecodedBatch {
 }
 
 /// Decodes a record; a panic in the decoder (a bug) sends the record to the DLQ.
-fn decode_guarded(pipeline: &Pipeline, record: &RawRecord) -> DecodeOutcome {
+pub(super) fn decode_guarded(pipeline: &Pipeline, record: &RawRecord) -> DecodeOutcome {
     std::panic::catch_unwind(AssertUnwindSafe(|| pipeline.decode(record))).unwrap_or_else(|panic| {
         DecodeOutcome::Failed(RecordFailure::from_panic(Stage::Decode, panic.as_ref()))
     })
@@ -352,72 +354,56 @@ impl<'p> BatchProcessor<'p> {
                 .refusals
                 .filter(|refusals| !refusals.is_empty())
                 .and_then(|refusals| refusals.get(&(pipeline_index, record.origin())));
-            let dead_letter = |failure: &RecordFailure| {
-                let max_bytes = if refusal.is_some_and(|refusal| refusal.strip_dead_letter) {
-                    0
-                } else {
-                    pipeline.settings().max_output_bytes
-                };
-                pipeline.dead_letter_within(record, failure, now_ms, max_bytes)
+            let dead_letter_bytes = if refusal.is_some_and(|refusal| refusal.strip_dead_letter) {
+                0
+            } else {
+                pipeline.settings().max_output_bytes
             };
-            if let Some(failure) = refusal.and_then(|refusal| refusal.failure.as_ref()) {
-                counts.count_dlq(failure.reason);
-                outcome.outputs.push(dead_letter(failure));
-                outcome.note_origins(outputs_before, pipeline_index, record);
-                continue;
-            }
-            let change = match decoded {
-                DecodeOutcome::Change(change) => change,
+            let mut step = Step {
+                pipeline,
+                counts,
+                outputs: &mut outcome.outputs,
+                now_ms,
+                dead_letter_bytes,
+            };
+            let park = pipeline.settings().dlq_policy == DlqPolicy::Park;
+            let (entity, next) = match decoded {
+                _ if refusal.is_some_and(|refusal| refusal.failure.is_some()) => {
+                    if let Some(failure) = refusal.and_then(|refusal| refusal.failure.as_ref()) {
+                        step.dead_letter(record, failure, None);
+                    }
+                    (None, None)
+                }
+                DecodeOutcome::Change(change) => {
+                    let stored = cache.touch(pipeline_index, change.key.as_str());
+                    let next = if park {
+                        step.change_or_park(record, &change, stored)
+                    } else {
+                        step.change(record, &change, stored)
+                    };
+                    (Some(change.key.as_str().to_owned()), next)
+                }
                 DecodeOutcome::Skip(reason) => {
-                    counts.count_skip(reason.as_str());
-                    continue;
+                    step.counts.count_skip(reason.as_str());
+                    (None, None)
                 }
                 DecodeOutcome::Failed(failure) => {
-                    tracing::debug!(origin = %record.origin(), reason = failure.reason, "record dead-lettered");
-                    counts.count_dlq(failure.reason);
-                    outcome.outputs.push(dead_letter(&failure));
-                    outcome.note_origins(outputs_before, pipeline_index, record);
-                    continue;
+                    step.dead_letter(record, &failure, None);
+                    (None, None)
+                }
+                DecodeOutcome::Control(Some(discard)) if park => {
+                    let stored = cache.touch(pipeline_index, &discard.entity);
+                    let next = step.discard(&discard, stored);
+                    (Some(discard.entity), next)
+                }
+                DecodeOutcome::Control(_) => {
+                    step.counts.count_skip("control");
+                    (None, None)
                 }
             };
-            let stored = cache.touch(pipeline_index, change.key.as_str());
-            // A panic in a rule or the gate is a bug: it must cost one record (to the DLQ),
-            // not stop the partition on the same offset after every restart.
-            let applied = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                pipeline.apply(record, &change, stored, now_ms)
-            }))
-            .unwrap_or_else(|panic| Err(RecordFailure::from_panic(Stage::Rule, panic.as_ref())));
-            match applied {
-                Ok(applied) => {
-                    counts.count_decision(applied.decision.as_str());
-                    for event_type in &applied.event_types {
-                        counts.count_event(event_type);
-                    }
-                    if applied.outputs.len() > applied.event_types.len() {
-                        counts.audit_records += 1;
-                    }
-                    if applied.next_state.is_some()
-                        && let Some(source_ms) = change.source_ts_ms()
-                    {
-                        counts.source_ts_ms.push(source_ms);
-                    }
-                    outcome.outputs.extend(applied.outputs);
-                    if let Some(state) = applied.next_state {
-                        let entity = change.key.as_str().to_owned();
-                        cache.insert(pipeline_index, entity.clone(), Some(state));
-                        dirty.insert((pipeline_index, entity), record.partition);
-                    }
-                }
-                Err(failure) => {
-                    tracing::debug!(origin = %record.origin(), reason = failure.reason, "record dead-lettered");
-                    counts.count_dlq(failure.reason);
-                    let mut letter = dead_letter(&failure);
-                    letter.headers.push((
-                        crate::engine::output_headers::ENTITY.to_owned(),
-                        change.key.as_str().as_bytes().to_vec(),
-                    ));
-                    outcome.outputs.push(letter);
-                }
+            if let (Some(entity), Some(state)) = (entity, next) {
+                cache.insert(pipeline_index, entity.clone(), Some(state));
+                dirty.insert((pipeline_index, entity), record.partition);
             }
             outcome.note_origins(outputs_before, pipeline_index, record);
         }
@@ -447,11 +433,14 @@ impl<'p> BatchProcessor<'p> {
         let mut missing: Vec<HashSet<&str>> = vec![HashSet::new(); self.pipelines.len()];
         let mut changes = 0u64;
         for item in &batch.items {
-            if let DecodeOutcome::Change(change) = &item.outcome {
-                changes += 1;
-                if !cache.contains(item.pipeline, change.key.as_str()) {
-                    missing[item.pipeline].insert(change.key.as_str());
-                }
+            let entity = match &item.outcome {
+                DecodeOutcome::Change(change) => change.key.as_str(),
+                DecodeOutcome::Control(Some(discard)) => discard.entity.as_str(),
+                _ => continue,
+            };
+            changes += 1;
+            if !cache.contains(item.pipeline, entity) {
+                missing[item.pipeline].insert(entity);
             }
         }
         // A change of an entity loaded for an earlier change of the same batch is a hit.
@@ -486,6 +475,7 @@ mod tests {
             version: Version::new(vec![version]),
             image: Some("{}".into()),
             updated_at_ms: 0,
+            parked: None,
         })
     }
 

@@ -11,6 +11,7 @@ mod batch;
 mod health;
 mod kcat;
 mod lanes;
+mod park;
 mod replay;
 mod retry;
 mod shutdown;

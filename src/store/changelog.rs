@@ -6,7 +6,9 @@
 //!  "image":{"id":1001,"status":"paid"}}
 //! ```
 //! `image` is null for a deleted entity (the tombstone state keeps its version; a Kafka
-//! tombstone would lose it).
+//! tombstone would lose it). An entity of a `dlq_policy = "park"` pipeline that waits behind a
+//! dead letter also has `"parked"`: the blocker and the changes parked behind it
+//! ([`crate::engine::Parked::to_json`]).
 
 use std::io::Write;
 
@@ -14,7 +16,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use thiserror::Error;
 
-use crate::engine::{EntityState, Version};
+use crate::engine::{EntityState, Parked, Version};
 
 /// A changelog value that cannot be read back.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -33,6 +35,10 @@ pub fn encode(state: &EntityState) -> Vec<u8> {
     let _ = write!(value, "{}", state.updated_at_ms);
     value.extend_from_slice(b",\"image\":");
     value.extend_from_slice(image.as_bytes());
+    if let Some(parked) = &state.parked {
+        value.extend_from_slice(b",\"parked\":");
+        value.extend_from_slice(parked.to_json().as_bytes());
+    }
     value.push(b'}');
     value
 }
@@ -44,6 +50,8 @@ struct Stored<'a> {
     updated_at_ms: i64,
     #[serde(borrow)]
     image: &'a RawValue,
+    #[serde(borrow, default)]
+    parked: Option<&'a RawValue>,
 }
 
 /// Reads a changelog value back into a state.
@@ -56,10 +64,16 @@ pub fn decode(bytes: &[u8]) -> Result<EntityState, ChangelogError> {
         "null" => None,
         text => Some(text.into()),
     };
+    let parked = stored
+        .parked
+        .map(|parked| Parked::from_json(parked.get()).map(std::sync::Arc::new))
+        .transpose()
+        .map_err(|error| ChangelogError(format!("parked changes: {error}")))?;
     Ok(EntityState {
         version,
         image,
         updated_at_ms: stored.updated_at_ms,
+        parked,
     })
 }
 
@@ -75,9 +89,17 @@ mod tests {
                 version: Version::new(vec![7, 1 << 40]),
                 image,
                 updated_at_ms: 1_700_000_000_000,
+                parked: None,
             };
             assert_eq!(decode(&encode(&state)).unwrap(), state);
         }
+        let blocker = crate::cdc::Origin {
+            topic: "orders".to_owned(),
+            partition: 0,
+            offset: 3,
+        };
+        let parked = EntityState::parking_only(Parked::behind(blocker, true));
+        assert_eq!(decode(&encode(&parked)).unwrap(), parked);
         assert!(decode(b"{\"version\":\"zz\",\"updated_at_ms\":0,\"image\":null}").is_err());
     }
 }

@@ -109,6 +109,7 @@ mod tests {
                 version: Version::new(vec![version, 1 << 33]),
                 image: Some(format!(r#"{{"status":"{status}"}}"#).into()),
                 updated_at_ms: 0,
+                parked: None,
             },
             partition: 0,
         }
@@ -153,6 +154,35 @@ mod tests {
         assert_eq!(store.checkpoint("changelog", 0).await.unwrap(), None);
     }
 
+    /// Parked changes are stored with the state and come back whole; releasing them (an
+    /// equal version without them) replaces the parked state.
+    async fn keeps_parked_changes(store: &impl StateStore) {
+        let blocker = crate::cdc::RawRecord {
+            topic: "orders".to_owned(),
+            partition: 0,
+            offset: 3,
+            key: Some(b"1".to_vec()),
+            value: Some(b"{}".to_vec()),
+            headers: Vec::new(),
+            timestamp_ms: None,
+        };
+        let parked = crate::engine::Parked::behind(blocker.origin(), false).with(&blocker);
+        let mut parked_write = write(30, "pending");
+        parked_write.state.parked = Some(parked);
+        store
+            .save(vec![parked_write.clone()], vec![])
+            .await
+            .unwrap();
+        let states = store.load("orders", &["1"]).await.unwrap();
+        assert_eq!(states["1"], parked_write.state);
+        store
+            .save(vec![write(30, "pending")], vec![])
+            .await
+            .unwrap();
+        let states = store.load("orders", &["1"]).await.unwrap();
+        assert!(states["1"].parked.is_none());
+    }
+
     /// SQLite (file-backed) and the in-memory store both refuse to go back.
     #[tokio::test]
     async fn stores_never_take_an_entity_back() {
@@ -162,5 +192,7 @@ mod tests {
             .unwrap();
         never_goes_back(&sqlite).await;
         never_goes_back(&MemoryStore::new()).await;
+        keeps_parked_changes(&sqlite).await;
+        keeps_parked_changes(&MemoryStore::new()).await;
     }
 }

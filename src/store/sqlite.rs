@@ -14,9 +14,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 
 use super::{Checkpoint, StateStore, StateWrite, StoreError};
-use crate::engine::{EntityState, Version};
+use crate::engine::{EntityState, Parked, Version};
 
-/// Five bound values per row keeps a statement far below SQLite's 32,766-variable limit.
+/// Six bound values per row keeps a statement far below SQLite's 32,766-variable limit.
 const ROWS_PER_STATEMENT: usize = 500;
 
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS entity_state (
@@ -25,6 +25,7 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS entity_state (
     version TEXT NOT NULL,
     image TEXT,
     updated_at_ms INTEGER NOT NULL,
+    parked TEXT,
     PRIMARY KEY (pipeline, entity)
 )";
 
@@ -48,6 +49,8 @@ pub struct SqliteStore {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreStats {
     pub entities: BTreeMap<String, u64>,
+    /// Entities waiting behind a dead-lettered change, per pipeline.
+    pub parked_entities: BTreeMap<String, u64>,
     pub checkpoints: Vec<Checkpoint>,
     pub size_bytes: u64,
 }
@@ -98,6 +101,20 @@ impl SqliteStore {
                 .await
                 .map_err(open_error)?;
         }
+        // Stores written before parking existed lack its column.
+        let columns = sqlx::query("SELECT name FROM pragma_table_info('entity_state')")
+            .fetch_all(&pool)
+            .await
+            .map_err(open_error)?;
+        if !columns.iter().any(|row| {
+            row.try_get::<String, _>(0)
+                .is_ok_and(|name| name == "parked")
+        }) {
+            sqlx::query("ALTER TABLE entity_state ADD COLUMN parked TEXT")
+                .execute(&pool)
+                .await
+                .map_err(open_error)?;
+        }
         let path = (display != ":memory:").then(|| path.to_owned());
         Ok(SqliteStore { pool, path })
     }
@@ -107,16 +124,20 @@ impl SqliteStore {
     /// batch.
     pub async fn stats(&self) -> Result<StoreStats, StoreError> {
         let rows = sqlx::query(
-            "SELECT pipeline, COUNT(*) FROM entity_state GROUP BY pipeline ORDER BY pipeline",
+            "SELECT pipeline, COUNT(*), SUM(parked IS NOT NULL) FROM entity_state \
+             GROUP BY pipeline ORDER BY pipeline",
         )
         .fetch_all(&self.pool)
         .await
         .map_err(StoreError::Unavailable)?;
         let mut entities = BTreeMap::new();
+        let mut parked_entities = BTreeMap::new();
         for row in rows {
             let pipeline: String = row.try_get(0).map_err(StoreError::Unavailable)?;
             let count: i64 = row.try_get(1).map_err(StoreError::Unavailable)?;
-            entities.insert(pipeline, count.max(0) as u64);
+            let parked: i64 = row.try_get(2).map_err(StoreError::Unavailable)?;
+            entities.insert(pipeline.clone(), count.max(0) as u64);
+            parked_entities.insert(pipeline, parked.max(0) as u64);
         }
         let rows = sqlx::query(
             "SELECT topic, partition, last_offset FROM changelog_checkpoint ORDER BY topic, partition",
@@ -144,6 +165,7 @@ impl SqliteStore {
         });
         Ok(StoreStats {
             entities,
+            parked_entities,
             checkpoints,
             size_bytes,
         })
@@ -172,7 +194,7 @@ impl StateStore for SqliteStore {
         let mut states = HashMap::with_capacity(entities.len());
         for chunk in entities.chunks(ROWS_PER_STATEMENT) {
             let mut query: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "SELECT entity, version, image, updated_at_ms FROM entity_state WHERE pipeline = ",
+                "SELECT entity, version, image, updated_at_ms, parked FROM entity_state WHERE pipeline = ",
             );
             query
                 .push_bind(pipeline.to_owned())
@@ -203,6 +225,21 @@ impl StateStore for SqliteStore {
                         .map_err(StoreError::Unavailable)?
                         .map(Arc::from),
                     updated_at_ms: row.try_get(3).map_err(StoreError::Unavailable)?,
+                    parked: match row
+                        .try_get::<Option<String>, _>(4)
+                        .map_err(StoreError::Unavailable)?
+                    {
+                        None => None,
+                        Some(text) => {
+                            Some(Arc::new(Parked::from_json(&text).map_err(|detail| {
+                                StoreError::Corrupt {
+                                    pipeline: pipeline.to_owned(),
+                                    entity: entity.clone(),
+                                    detail: format!("parked changes: {detail}"),
+                                }
+                            })?))
+                        }
+                    },
                 };
                 states.insert(entity, state);
             }
@@ -264,22 +301,23 @@ impl StateStore for SqliteStore {
         let mut transaction = self.pool.begin().await.map_err(StoreError::Unavailable)?;
         for chunk in writes.chunks(ROWS_PER_STATEMENT) {
             let mut query: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "INSERT INTO entity_state (pipeline, entity, version, image, updated_at_ms) ",
+                "INSERT INTO entity_state (pipeline, entity, version, image, updated_at_ms, parked) ",
             );
             query.push_values(chunk, |mut row, write| {
                 row.push_bind(write.pipeline.clone())
                     .push_bind(write.entity.clone())
                     .push_bind(write.state.version.sequence())
                     .push_bind(write.state.image.as_deref().map(str::to_owned))
-                    .push_bind(write.state.updated_at_ms);
+                    .push_bind(write.state.updated_at_ms)
+                    .push_bind(write.state.parked.as_ref().map(|parked| parked.to_json()));
             });
             // Versions are fixed-width hex sequences, so text order is version order. A write
             // older than the stored state (a late save, a restore under a newer state) is
             // ignored: the store never takes an entity back.
             query.push(
                 " ON CONFLICT (pipeline, entity) DO UPDATE SET version = excluded.version, \
-                 image = excluded.image, updated_at_ms = excluded.updated_at_ms \
-                 WHERE excluded.version >= entity_state.version",
+                 image = excluded.image, updated_at_ms = excluded.updated_at_ms, \
+                 parked = excluded.parked WHERE excluded.version >= entity_state.version",
             );
             query
                 .build()

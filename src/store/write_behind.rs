@@ -141,6 +141,7 @@ mod tests {
                 version: Version::new(vec![version]),
                 image: Some(format!(r#"{{"v":{version}}}"#).into()),
                 updated_at_ms: 0,
+                parked: None,
             },
             partition: 0,
         }
