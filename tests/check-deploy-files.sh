@@ -53,7 +53,9 @@ ensure_venv() {
 # promtool comes from Debian's `prometheus` package, unpacked into the tools cache rather than
 # installed: installing it would also install (and on some machines start) a Prometheus server.
 ensure_promtool() {
-    [[ -x "$PROMTOOL_DIR/promtool" ]] && "$PROMTOOL_DIR/promtool" --version >/dev/null 2>&1 && return 0
+    [[ -x "$PROMTOOL_DIR/promtool" ]] && "$PROMTOOL_DIR/promtool" --version >/dev/null 2>&1 &&
+        [[ -x "$PROMTOOL_DIR/prometheus" ]] && "$PROMTOOL_DIR/prometheus" --version >/dev/null 2>&1 &&
+        return 0
     command -v apt-get >/dev/null 2>&1 || die "promtool: needs apt-get (Debian's prometheus package)"
     command -v dpkg-deb >/dev/null 2>&1 || die "promtool: needs dpkg-deb"
     local tmp="$TOOLS/.promtool-download"
@@ -69,8 +71,11 @@ ensure_promtool() {
     dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/unpacked" || die "cannot unpack $(ls "$tmp"/*.deb)"
     mkdir -p "$PROMTOOL_DIR"
     install -m 0755 "$tmp/unpacked/usr/bin/promtool" "$PROMTOOL_DIR/promtool"
+    # The server too: tests/kafka_operations.rs runs it to scrape cdcflow.
+    install -m 0755 "$tmp/unpacked/usr/bin/prometheus" "$PROMTOOL_DIR/prometheus"
     rm -rf -- "$tmp"
     "$PROMTOOL_DIR/promtool" --version >/dev/null 2>&1 || die "the unpacked promtool does not run"
+    "$PROMTOOL_DIR/prometheus" --version >/dev/null 2>&1 || die "the unpacked prometheus does not run"
 }
 
 started="$(date +%s%N)"

@@ -56,6 +56,9 @@ cargo clippy --release --all-targets --features kafka-it -- -D warnings
 # validated offline: Compose and Kubernetes schemas, hadolint, promtool.
 log "deployment files (tests/check-deploy-files.sh)"
 bash tests/check-deploy-files.sh
+# It unpacked promtool and the Prometheus server from Debian's package: the operations tests
+# (tests/kafka_operations.rs) run both against cdcflow.
+export CDCFLOW_PROMETHEUS_DIR="${CDCFLOW_TOOLS_DIR:-$HOME/.cache/cdcflow/tools}/promtool"
 
 # A real single-node Kafka for the integration tests, on its own port and state directory so
 # that it never meets a developer's broker; stopped again when this script ends.
