@@ -426,3 +426,90 @@ fn help_explains_commands() {
         "{help}"
     );
 }
+
+/// `cdcflow state stats` and `state get` read the store a replay left: entities per pipeline,
+/// and one entity's version and image as JSON; an unknown entity is an error naming it.
+#[test]
+fn state_commands_read_the_replay_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.db");
+    let (lines, _) = replay(&state, &example_inputs(), &[]);
+    assert!(!lines.is_empty());
+    let output = cdcflow()
+        .args([
+            "state",
+            "stats",
+            "--config",
+            "examples/shop.toml",
+            "--state",
+        ])
+        .arg(&state)
+        .output()
+        .unwrap();
+    let stats = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stats}");
+    assert!(
+        stats.contains("pipeline orders: 4 entities, 0 parked"),
+        "{stats}"
+    );
+    assert!(stats.contains("pipeline customers: 2 entities"), "{stats}");
+    let output = cdcflow()
+        .args(["state", "get", "--config", "examples/shop.toml", "--state"])
+        .arg(&state)
+        .args(["orders", "1001"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let entity: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(entity["image"]["status"], "shipped");
+    assert_eq!(entity["deleted"], false);
+    assert!(entity["parked"].is_null());
+    let output = cdcflow()
+        .args(["state", "get", "--config", "examples/shop.toml", "--state"])
+        .arg(&state)
+        .args(["orders", "424242"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no state for entity `424242`"));
+}
+
+/// `--log-format json` writes one JSON object per line; at debug level a dead-lettered record
+/// is logged with its origin and reason, and nothing else is logged per record.
+#[test]
+fn json_logs_name_the_origin_of_a_dead_letter() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &input,
+        "{\"topic\":\"shop.public.orders\",\"partition\":2,\"offset\":17,\"key\":\"{\\\"id\\\":1}\",\"payload\":\"{not json\"}\n",
+    )
+    .unwrap();
+    let output = cdcflow()
+        .args([
+            "--log-format",
+            "json",
+            "replay",
+            "--in-memory",
+            "--config",
+            "examples/shop.toml",
+        ])
+        .arg(&input)
+        .env("CDCFLOW_LOG", "debug")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let logged: Vec<Value> = stderr
+        .lines()
+        .filter(|line| line.starts_with('{'))
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    let dead_letter = logged
+        .iter()
+        .find(|line| line["fields"]["message"] == "record dead-lettered")
+        .unwrap_or_else(|| panic!("no dead-letter line in:\n{stderr}"));
+    assert_eq!(dead_letter["fields"]["origin"], "shop.public.orders/2/17");
+    assert_eq!(dead_letter["fields"]["reason"], "malformed_json");
+    assert_eq!(dead_letter["level"], "DEBUG");
+}
