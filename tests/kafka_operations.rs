@@ -606,6 +606,21 @@ fn park_holds_an_entity_behind_its_dead_letter_across_kill_9() {
     ops.caught_up();
     assert_eq!(ops.events_of("1"), ["created"]);
     assert_eq!(ops.events_of("2"), ["created", "paid"]);
+    // Parking saves the entity's state at once: the gauge (counted in the store) sees it
+    // without waiting for the write-behind window.
+    wait_until(
+        "the parked entity to be counted",
+        Duration::from_secs(40),
+        || {
+            let (_, samples) = scrape(&service);
+            sum(
+                &samples,
+                "cdcflow_parked_entities",
+                &[r#"pipeline="orders""#],
+            ) == 1.0
+                && sum(&samples, "cdcflow_parked_changes_total", &[]) == 1.0
+        },
+    );
     service.kill();
 
     produce(&[

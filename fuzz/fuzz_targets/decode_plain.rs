@@ -75,6 +75,7 @@ fuzz_target!(|data: &[u8]| {
         version: Version::new(vec![1, 2]),
         image: Some(r#"{"id":1,"status":"pending","note":"__debezium_unavailable_value"}"#.into()),
         updated_at_ms: 0,
+        parked: None,
     };
     let _ = pipeline.apply(&record, &change, None, 0);
     let _ = pipeline.apply(&record, &change, Some(&stored), 0);

@@ -6,36 +6,31 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
 use rdkafka::producer::Producer as _;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::commit::{BatchFailure, Committer, is_fatal_consumer_error};
-use super::error::{ServiceError, kafka_error};
-use super::produce::RefusedOutput;
-use super::rebalance::{
-    AssignmentEvent, RebalanceContext, SharedWriteBehind, committed_positions,
-    first_partition_error, lock,
-};
+use super::error::ServiceError;
+use super::rebalance::{AssignmentEvent, RebalanceContext, SharedWriteBehind, lock};
+use super::records::{batch_span, next_offsets, raw_record, record_bytes};
 use super::report::{Reporter, TopicPartition};
 use super::service::ServiceOptions;
-use crate::cdc::{Header, RawRecord};
+use crate::cdc::RawRecord;
 use crate::config::DeliveryConfig;
-use crate::engine::{OutputKind, RecordFailure, Stage};
 use crate::metrics::Tally;
 use crate::runtime::{
-    Attempt, BatchOutcome, BatchProcessor, Jitter, Lanes, OutputOrigin, Refusal, Refusals,
-    RetryError, RetryLimit, RetryPolicy, SharedPipelines, Shutdown, now_ms, retry,
+    BatchOutcome, BatchProcessor, Jitter, Lanes, Refusals, RetryLimit, RetryPolicy,
+    SharedPipelines, Shutdown, now_ms,
 };
 use crate::store::{Checkpoint, StateStore};
 
 /// Consecutive failed attempts at one batch, while the brokers are reachable, before the
 /// service gives up: a batch that can never commit must stop the process loudly, not loop.
 /// Attempts while no broker is reachable do not count: an outage is waited out.
-const MAX_BATCH_ATTEMPTS: u32 = 5;
+pub(super) const MAX_BATCH_ATTEMPTS: u32 = 5;
 
 /// The wait before retrying a failed batch.
-const BATCH_RETRY: RetryPolicy = RetryPolicy::new(
+pub(super) const BATCH_RETRY: RetryPolicy = RetryPolicy::new(
     Duration::from_millis(200),
     Duration::from_secs(10),
     RetryLimit::Forever,
@@ -179,51 +174,6 @@ impl<S: StateStore> Worker<'_, S> {
         Ok(())
     }
 
-    /// Drops what the batch held of revoked partitions; what was committed goes to the store,
-    /// so a later reassignment restores on top of it; cached state of partitions another
-    /// instance may now change is dropped.
-    fn partitions_revoked(
-        &mut self,
-        records: &mut Vec<RawRecord>,
-        revoked: &[TopicPartition],
-    ) -> Result<(), ServiceError> {
-        let is_revoked = |topic: &str, partition: i32| {
-            revoked
-                .iter()
-                .any(|tp| tp.topic == topic && tp.partition == partition)
-        };
-        records.retain(|record| !is_revoked(&record.topic, record.partition));
-        self.refusals
-            .retain(|(_, origin), _| !is_revoked(&origin.topic, origin.partition));
-        lock(&self.write_behind).flush()?;
-        self.lanes.clear();
-        // A batch being retried may have belonged to them; the next one tells.
-        self.options.health.set_failing(false);
-        self.attempts = 0;
-        self.failures = 0;
-        // Revoked and assigned back within one poll: the assignment positioned the partition
-        // at its committed offset, but the poll may already have handed out (and the batch
-        // just dropped) records from there. Position it again so none is skipped.
-        let assignment = self
-            .consumer
-            .assignment()
-            .map_err(kafka_error("cannot read the assignment"))?;
-        let mut returned = TopicPartitionList::new();
-        for element in assignment.elements() {
-            if is_revoked(element.topic(), element.partition()) {
-                returned.add_partition(element.topic(), element.partition());
-            }
-        }
-        if returned.count() > 0 {
-            tracing::info!(
-                partitions = returned.count(),
-                "partitions came back in the same poll; repositioning them"
-            );
-            self.seek_committed(&returned)?;
-        }
-        Ok(())
-    }
-
     /// Applies a batch's commit result: the bookkeeping of a committed batch, or the recovery
     /// of a failed one.
     fn settle(
@@ -240,38 +190,6 @@ impl<S: StateStore> Worker<'_, S> {
                 Ok(())
             }
             Err(failure) => self.recover(failure),
-        }
-    }
-
-    /// Rewinds after a failed batch, or stops for a fatal failure or too many attempts.
-    fn recover(&mut self, failure: BatchFailure) -> Result<(), ServiceError> {
-        match failure {
-            BatchFailure::Fatal(error) => Err(error),
-            // Each refusal sends one more record (or a smaller DLQ record) to the DLQ, so
-            // these retries end; they do not count against the attempts.
-            BatchFailure::Refused(refused) => {
-                self.reporter.batch_refused(refused.len());
-                self.rewind()
-            }
-            BatchFailure::Retry(reason) | BatchFailure::OffsetsUncommitted { reason, .. } => {
-                let counted = self.options.health.brokers_reachable();
-                if counted {
-                    self.attempts += 1;
-                }
-                self.failures += 1;
-                self.reporter.batch_retried(&reason, self.failures, counted);
-                if self.attempts >= MAX_BATCH_ATTEMPTS {
-                    return Err(ServiceError::BatchKeepsFailing {
-                        attempts: self.attempts,
-                        reason,
-                    });
-                }
-                self.rewind()?;
-                let wait = BATCH_RETRY.delay(self.failures - 1, &mut self.jitter);
-                // A stop request ends the wait; the loop then stops with nothing committed.
-                let _ = self.shutdown.sleep(wait);
-                Ok(())
-            }
         }
     }
 
@@ -460,9 +378,19 @@ impl<S: StateStore> Worker<'_, S> {
                     _ => true,
                 })
         });
-        lock(&self.write_behind)
+        let parking_changed = tally.pipelines.iter().any(|p| p.parking_transitions > 0);
+        let mut write_behind = lock(&self.write_behind);
+        write_behind
             .committed(outcome.writes, changelog, record_count)
             .map_err(|error| BatchFailure::Fatal(error.into()))?;
+        // The parked-entity gauge counts the store: an entity parked or released is saved now,
+        // not at the end of the write-behind window.
+        if parking_changed {
+            write_behind
+                .save_soon()
+                .map_err(|error| BatchFailure::Fatal(error.into()))?;
+        }
+        drop(write_behind);
         // Outputs were delivered either way: they count.
         let metrics = &self.options.metrics;
         metrics.add(&tally, now_ms());
@@ -480,207 +408,5 @@ impl<S: StateStore> Worker<'_, S> {
             Some(reason) => Err(BatchFailure::Retry(reason)),
             None => Ok(()),
         }
-    }
-
-    /// Remembers which records' outputs were refused, so the next attempt sends them to the
-    /// DLQ; a DLQ record refused once is sent again without the original key and value, and
-    /// refused again it stops the service (the DLQ topic cannot take even the headers).
-    fn learn_refusals(
-        &mut self,
-        outcome: &BatchOutcome,
-        refused: &[RefusedOutput],
-    ) -> Result<(), ServiceError> {
-        for RefusedOutput { index, error } in refused {
-            let (Some(output), Some(OutputOrigin { pipeline, origin })) = (
-                outcome.outputs.get(*index),
-                outcome.output_origins.get(*index),
-            ) else {
-                // Refused retries do not count against the attempts: never loop on one that
-                // cannot be attributed.
-                return Err(ServiceError::UnattributableRefusal { index: *index });
-            };
-            let topic = &output.topic;
-            let size = output.size();
-            let refusal = self
-                .refusals
-                .entry((*pipeline, origin.clone()))
-                .or_insert(Refusal {
-                    failure: None,
-                    strip_dead_letter: false,
-                });
-            match output.kind {
-                OutputKind::DeadLetter => {
-                    if refusal.strip_dead_letter {
-                        return Err(ServiceError::DeadLetterRefused {
-                            topic: topic.clone(),
-                            origin: origin.clone(),
-                            size,
-                            code: *error,
-                        });
-                    }
-                    refusal.strip_dead_letter = true;
-                }
-                OutputKind::Event | OutputKind::Audit => {
-                    tracing::warn!(%origin, %topic, size, %error, "output refused as too large; the record goes to the DLQ");
-                    refusal.failure.get_or_insert_with(|| RecordFailure {
-                        stage: Stage::Output,
-                        reason: "output_refused",
-                        message: format!(
-                            "`{topic}` refused this record's {} ({size} bytes): {error}; \
-                             raise max.message.bytes on `{topic}` (and the producer's \
-                             message.max.bytes) or set limits.max_output_bytes below them",
-                            output.kind.as_str()
-                        ),
-                    });
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Positions every assigned partition at its committed offset, after dropping the staged
-    /// state. While no broker is reachable the rewind is retried, not fatal: an outage is
-    /// waited out with readiness false.
-    fn rewind(&mut self) -> Result<(), ServiceError> {
-        lock(&self.write_behind).flush()?;
-        self.lanes.clear();
-        let health = Arc::clone(&self.options.health);
-        let policy = RetryPolicy::new(
-            Duration::from_millis(500),
-            Duration::from_secs(10),
-            RetryLimit::Forever,
-        )
-        .counted_as("rewind");
-        let rewound = retry(
-            "rewinding to the committed offsets",
-            policy,
-            self.shutdown,
-            || {
-                // Waiting out an outage is progress, not a stuck loop.
-                health.beat();
-                let assignment = self
-                    .consumer
-                    .assignment()
-                    .map_err(kafka_error("cannot read the assignment"))
-                    .map_err(Attempt::Permanent)?;
-                self.seek_committed(&assignment).map_err(|error| {
-                    if health.brokers_reachable() {
-                        Attempt::Permanent(error)
-                    } else {
-                        Attempt::Transient(error)
-                    }
-                })
-            },
-        );
-        match rewound {
-            Ok(()) => Ok(()),
-            // Nothing of the failed batch was committed; the loop stops next.
-            Err(RetryError::Stopped) => Ok(()),
-            // A rewind that does not land would let the next commit skip the aborted batch:
-            // fatal, and a restart resumes from the committed offsets.
-            Err(RetryError::Failed { error, .. }) => Err(error),
-        }
-    }
-
-    /// Positions `partitions` at their (stable) committed offsets.
-    fn seek_committed(&self, partitions: &TopicPartitionList) -> Result<(), ServiceError> {
-        if partitions.count() == 0 {
-            return Ok(());
-        }
-        let positioned = committed_positions(
-            self.consumer,
-            partitions,
-            self.options.kafka.transaction_timeout * 3,
-            self.shutdown,
-        )?;
-        let sought = self
-            .consumer
-            .seek_partitions(positioned, Duration::from_secs(10))
-            .map_err(kafka_error("cannot rewind to the committed offsets"))?;
-        first_partition_error(&sought, "cannot rewind to the committed offset")
-    }
-}
-
-/// The span of one batch: the pipelines that read it and, per partition, its first and last
-/// offsets (`orders/0@120..359`).
-fn batch_span(pipelines: &SharedPipelines, records: &[RawRecord]) -> tracing::Span {
-    let mut ranges: std::collections::BTreeMap<(&str, i32), (i64, i64)> =
-        std::collections::BTreeMap::new();
-    // Records of a partition come in runs: one map look-up per run, not per record.
-    for run in records.chunk_by(|a, b| a.partition == b.partition && a.topic == b.topic) {
-        let (first, last) = (&run[0], &run[run.len() - 1]);
-        let range = ranges
-            .entry((&first.topic, first.partition))
-            .or_insert((first.offset, last.offset));
-        range.0 = range.0.min(first.offset);
-        range.1 = range.1.max(last.offset);
-    }
-    let offsets = ranges
-        .iter()
-        .map(|((topic, partition), (first, last))| format!("{topic}/{partition}@{first}..{last}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let pipelines = pipelines
-        .iter()
-        .filter(|(route, _)| ranges.keys().any(|(topic, _)| route.matches(topic)))
-        .map(|(_, pipeline)| pipeline.name())
-        .collect::<Vec<_>>()
-        .join(",");
-    tracing::info_span!(
-        "batch",
-        pipelines = %pipelines,
-        partitions = ranges.len(),
-        offsets = %offsets,
-        records = records.len()
-    )
-}
-
-/// The offset after the last record of each partition in the batch.
-fn next_offsets(records: &[RawRecord]) -> TopicPartitionList {
-    let mut next: std::collections::HashMap<(&str, i32), i64> = std::collections::HashMap::new();
-    for record in records {
-        let slot = next
-            .entry((&record.topic, record.partition))
-            .or_insert(record.offset + 1);
-        *slot = (*slot).max(record.offset + 1);
-    }
-    let mut list = TopicPartitionList::new();
-    for ((topic, partition), offset) in next {
-        let _ = list.add_partition_offset(topic, partition, Offset::Offset(offset));
-    }
-    list
-}
-
-/// What a record costs in memory while its batch is collected: key, value and headers.
-fn record_bytes(record: &RawRecord) -> usize {
-    record.key.as_ref().map_or(0, Vec::len)
-        + record.value.as_ref().map_or(0, Vec::len)
-        + record
-            .headers
-            .iter()
-            .map(|header| header.name.len() + header.value.as_ref().map_or(0, Vec::len))
-            .sum::<usize>()
-}
-
-pub(super) fn raw_record<M: Message>(message: &M) -> RawRecord {
-    RawRecord {
-        topic: message.topic().to_owned(),
-        partition: message.partition(),
-        offset: message.offset(),
-        key: message.key().map(<[u8]>::to_vec),
-        value: message.payload().map(<[u8]>::to_vec),
-        headers: message
-            .headers()
-            .map(|headers| {
-                headers
-                    .iter()
-                    .map(|header| Header {
-                        name: header.key.to_owned(),
-                        value: header.value.map(<[u8]>::to_vec),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
-        timestamp_ms: message.timestamp().to_millis(),
     }
 }

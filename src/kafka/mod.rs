@@ -14,6 +14,8 @@
 //!   that was recreated behind the store's checkpoint).
 //! - `consume`: the loop: collect (records, bytes, time), process in the lanes
 //!   ([`crate::runtime::Lanes`]), commit, settle; recovery and rewinds.
+//! - `recovery`: a batch that did not commit (refusals learnt, rewind, retry or stop) and
+//!   partitions taken away; `records`: owned records, offsets and the batch span.
 //! - `commit`: what both protocols share, and how a failed batch is classified.
 //! - `transactional`: the exactly-once protocol (one transaction per batch).
 //! - `at_least_once`: outputs, then changelog, then offsets.
@@ -35,6 +37,8 @@ mod error;
 mod features;
 mod produce;
 mod rebalance;
+mod records;
+mod recovery;
 mod report;
 mod restore;
 mod service;

@@ -14,8 +14,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::clients;
-use super::consume::raw_record;
 use super::error::{ServiceError, kafka_error};
+use super::records::raw_record;
 use crate::cdc::RawRecord;
 use crate::config::{DeliveryConfig, KafkaConfig};
 use crate::ops::Reinjection;

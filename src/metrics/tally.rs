@@ -22,6 +22,8 @@ pub struct PipelineTally {
     /// Changes parked behind a dead letter, and parked changes released.
     pub parked_changes: u64,
     pub unparked_changes: u64,
+    /// Entities that began or stopped waiting behind a dead letter.
+    pub parking_transitions: u64,
 }
 
 impl PipelineTally {
@@ -124,6 +126,7 @@ impl Tally {
             target.source_ts_ms.extend(counts.source_ts_ms);
             target.parked_changes += counts.parked_changes;
             target.unparked_changes += counts.unparked_changes;
+            target.parking_transitions += counts.parking_transitions;
         }
     }
 }

@@ -114,6 +114,7 @@ impl Step<'_> {
                 Ok(next) => next,
                 Err(failure) => {
                     self.dead_letter(record, &failure, Some(entity));
+                    self.counts.parking_transitions += 1;
                     let blocker = Parked::behind(first_origin(record), stored.is_none());
                     Some(park_on(stored, blocker))
                 }
@@ -175,6 +176,7 @@ impl Step<'_> {
     /// Processes parked changes in their order on top of `base`. A change that fails parks
     /// the entity again, behind it, with the rest.
     fn release(&mut self, base: Option<EntityState>, changes: &[RawRecord]) -> EntityState {
+        self.counts.parking_transitions += 1;
         let mut state = base;
         for (index, record) in changes.iter().enumerate() {
             self.counts.unparked_changes += 1;

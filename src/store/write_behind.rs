@@ -86,6 +86,12 @@ impl<S: StateStore> WriteBehind<S> {
         self.runtime.block_on(self.store.save(writes, checkpoints))
     }
 
+    /// Starts saving what is unsaved now rather than at the next window: for changes an
+    /// operator watches in the store (an entity parked or released), which are rare.
+    pub fn save_soon(&mut self) -> Result<(), StoreError> {
+        self.save_in_background()
+    }
+
     /// Starts saving what is unsaved in the background, after the previous save (one in
     /// flight keeps saves in order and memory bounded).
     fn save_in_background(&mut self) -> Result<(), StoreError> {
