@@ -586,6 +586,20 @@ fn dlq_replay_after_a_fix_emits_each_event_once() {
     assert_no_hanging_transaction(&ops.topic("events"));
 }
 
+/// Waits until the service reports one parked entity and one change parked since it started.
+fn wait_parked(service: &Service) {
+    wait_until(
+        "the parked entity to be counted",
+        Duration::from_secs(40),
+        || {
+            let (_, samples) = scrape(service);
+            let orders = r#"pipeline="orders""#;
+            sum(&samples, "cdcflow_parked_entities", &[orders]) == 1.0
+                && sum(&samples, "cdcflow_parked_changes_total", &[orders]) == 1.0
+        },
+    );
+}
+
 /// `dlq_policy = "park"`: order 1's second change fails; its third and fourth changes park
 /// behind it, also across a kill -9 and a restart without the local store (they come back
 /// from the changelog), while order 2 is never held up. After the rule is fixed, the replay
@@ -608,19 +622,7 @@ fn park_holds_an_entity_behind_its_dead_letter_across_kill_9() {
     assert_eq!(ops.events_of("2"), ["created", "paid"]);
     // Parking saves the entity's state at once: the gauge (counted in the store) sees it
     // without waiting for the write-behind window.
-    wait_until(
-        "the parked entity to be counted",
-        Duration::from_secs(40),
-        || {
-            let (_, samples) = scrape(&service);
-            sum(
-                &samples,
-                "cdcflow_parked_entities",
-                &[r#"pipeline="orders""#],
-            ) == 1.0
-                && sum(&samples, "cdcflow_parked_changes_total", &[]) == 1.0
-        },
-    );
+    wait_parked(&service);
     service.kill();
 
     produce(&[
@@ -636,19 +638,7 @@ fn park_holds_an_entity_behind_its_dead_letter_across_kill_9() {
         ["created", "paid", "shipped"],
         "order 2 goes on"
     );
-    wait_until(
-        "the parked entity to be reported",
-        Duration::from_secs(40),
-        || {
-            let (_, samples) = scrape(&service);
-            sum(
-                &samples,
-                "cdcflow_parked_entities",
-                &[r#"pipeline="orders""#],
-            ) == 1.0
-                && sum(&samples, "cdcflow_parked_changes_total", &[]) == 1.0
-        },
-    );
+    wait_parked(&service);
     assert!(service.stop(Duration::from_secs(30)).success());
 
     let broken_path = broken.to_str().unwrap();
