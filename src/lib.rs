@@ -24,6 +24,10 @@
 //! - [`http`]: the `/metrics`, `/healthz` and `/readyz` endpoint of `cdcflow run`.
 //! - [`config`]: the typed TOML configuration with validation and environment overrides.
 //! - [`metrics`]: every Prometheus metric family in one place.
+//! - [`ops`]: the operator's tools as pure functions: dead letters read back, filtered, and
+//!   written back for a replay or a discard.
+//! - [`webhook`]: outgoing webhooks, the pure parts: Standard Webhooks signatures, retry
+//!   decisions, the per-entity delivery order and the offsets that may be committed.
 
 pub mod cdc;
 pub mod config;
@@ -34,3 +38,4 @@ pub mod metrics;
 pub mod ops;
 pub mod runtime;
 pub mod store;
+pub mod webhook;

@@ -21,4 +21,5 @@ pub use error::DecodeError;
 pub use key::EntityKey;
 pub use record::{Header, Origin, OriginRef, RawRecord};
 pub use shallow::{FieldSelection, selected_fields};
+pub(crate) use time::days_from_civil;
 pub use time::{format_epoch_millis, format_epoch_nanos_local, parse_rfc3339_millis};
