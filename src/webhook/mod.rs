@@ -1,8 +1,9 @@
-//! Outgoing webhooks, the pure parts: Standard Webhooks signatures ([`signature`]), what
-//! happens after an attempt ([`retry`]), and the order of deliveries with the offsets that
-//! may be committed ([`schedule`]). No I/O here: the HTTP client and the Kafka consumer that
-//! drive them are adapters around these.
+//! Outgoing webhooks: Standard Webhooks signatures ([`signature`]), what happens after an
+//! attempt ([`retry`]), and the order of deliveries with the offsets that may be committed
+//! ([`schedule`]), all pure; and the HTTP adapter that makes one signed attempt
+//! ([`client`]).
 
+pub mod client;
 pub mod retry;
 pub mod schedule;
 pub mod signature;
