@@ -19,30 +19,31 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use serde::de::IgnoredAny;
+use serde_json::Value;
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
 
+use super::body::{Body, envelope_body, flattened_body};
 use super::change::{Change, Op, source_transaction_id};
-use super::error::{DecodeError, json_type_name, raw_type_name};
+use super::error::{DecodeError, json_type_name};
 use super::key::EntityKey;
-use super::logical::{convert_row, field_schema};
+use super::logical::convert_row;
 use super::record::RawRecord;
 use super::schema_cache::SchemaCache;
-use super::shallow::{FieldSelection, ShallowObject, selected_fields};
+use super::shallow::{FieldSelection, ShallowObject};
 
-const SCHEMA: &str = "schema";
-const PAYLOAD: &str = "payload";
-const OP: &str = "op";
-const BEFORE: &str = "before";
-const AFTER: &str = "after";
-const SOURCE: &str = "source";
-const TS_MS: &str = "ts_ms";
-const TRANSACTION: &str = "transaction";
-const FLAT_PREFIX: &str = "__";
-const FLAT_OP: &str = "__op";
-const FLAT_DELETED: &str = "__deleted";
-const FLAT_SOURCE_PREFIX: &str = "__source_";
-const FLAT_TS_MS: &str = "__ts_ms";
+pub(super) const SCHEMA: &str = "schema";
+pub(super) const PAYLOAD: &str = "payload";
+pub(super) const OP: &str = "op";
+pub(super) const BEFORE: &str = "before";
+pub(super) const AFTER: &str = "after";
+pub(super) const SOURCE: &str = "source";
+pub(super) const TS_MS: &str = "ts_ms";
+pub(super) const TRANSACTION: &str = "transaction";
+pub(super) const FLAT_PREFIX: &str = "__";
+pub(super) const FLAT_OP: &str = "__op";
+pub(super) const FLAT_DELETED: &str = "__deleted";
+pub(super) const FLAT_SOURCE_PREFIX: &str = "__source_";
+pub(super) const FLAT_TS_MS: &str = "__ts_ms";
 
 /// serde_json's own recursion limit: it returns an error, never overflows the stack.
 const SERDE_DEPTH_LIMIT: usize = 128;
@@ -348,7 +349,7 @@ fn shallow_payload<'t>(
     }
 }
 
-fn classify_json_error(part: &'static str, error: &serde_json::Error) -> DecodeError {
+pub(super) fn classify_json_error(part: &'static str, error: &serde_json::Error) -> DecodeError {
     if error.classify() == serde_json::error::Category::Eof {
         DecodeError::Truncated {
             part,
@@ -396,221 +397,4 @@ fn exceeds_depth(bytes: &[u8], limit: usize) -> bool {
         }
     }
     false
-}
-
-/// The decoded parts of a value, before the key is attached.
-struct Body<'t> {
-    op: Op,
-    before: Option<Map<String, Value>>,
-    after: Option<Map<String, Value>>,
-    /// The `after` object's own text, when it needed no conversion.
-    after_json: Option<&'t str>,
-    source: Map<String, Value>,
-    ts_ms: Option<i64>,
-    transaction_id: Option<String>,
-}
-
-/// Decodes the standard envelope; `None` for a logical decoding message.
-fn envelope_body<'t>(
-    payload: &ShallowObject<'t>,
-    schema: Option<&Value>,
-    source_fields: &FieldSelection,
-) -> Result<Option<Body<'t>>, DecodeError> {
-    let Some(op) = envelope_op(payload.get(OP))? else {
-        return Ok(None);
-    };
-    let mut before = row(payload.get(BEFORE), BEFORE)?;
-    let mut after = row(payload.get(AFTER), AFTER)?;
-    if matches!(op, Op::Create | Op::Update | Op::Read) && after.is_none() {
-        return Err(DecodeError::MissingField {
-            field: AFTER.to_owned(),
-        });
-    }
-    let mut after_json = payload.get(AFTER).map(RawValue::get);
-    if let Some(schema) = schema {
-        after_json = None;
-        for (name, row) in [(BEFORE, &mut before), (AFTER, &mut after)] {
-            if let (Some(row), Some(row_schema)) = (row.as_mut(), field_schema(schema, name)) {
-                convert_row(row, row_schema, name)?;
-            }
-        }
-    }
-    let source = match payload.get(SOURCE).filter(|raw| raw.get() != "null") {
-        None => Map::new(),
-        Some(raw) if raw.get().starts_with('{') => selected_fields(raw.get(), source_fields)
-            .map_err(|error| field_error(SOURCE, &error))?,
-        Some(raw) => return Err(wrong_raw_type(SOURCE, "object or null", raw)),
-    };
-    let ts_ms = optional_i64(payload.get(TS_MS), TS_MS)?;
-    let transaction_id = match payload.get(TRANSACTION) {
-        Some(raw) if raw.get().starts_with('{') => {
-            let block: Map<String, Value> = serde_json::from_str(raw.get())
-                .map_err(|error| field_error(TRANSACTION, &error))?;
-            block.get("id").and_then(super::change::scalar_text)
-        }
-        _ => None,
-    };
-    Ok(Some(Body {
-        op,
-        before,
-        after_json: after_json.filter(|_| after.is_some()),
-        after,
-        source,
-        ts_ms,
-        transaction_id,
-    }))
-}
-
-/// The envelope's `op`; `None` for a logical decoding message.
-fn envelope_op(raw: Option<&RawValue>) -> Result<Option<Op>, DecodeError> {
-    let missing = || DecodeError::MissingField {
-        field: OP.to_owned(),
-    };
-    let raw = raw.ok_or_else(missing)?;
-    // The one-letter codes as Debezium writes them, without building a string.
-    if let Some(op) = raw
-        .get()
-        .strip_prefix('"')
-        .and_then(|text| text.strip_suffix('"'))
-        .and_then(Op::from_code)
-    {
-        return Ok(Some(op));
-    }
-    match parse_field(raw, OP)? {
-        Value::Null => Err(missing()),
-        Value::String(code) if code == Op::MESSAGE => Ok(None),
-        Value::String(code) => Op::from_code(&code)
-            .map(Some)
-            .ok_or(DecodeError::UnknownOp { op: code }),
-        other => Err(wrong_type(OP, "string", &other)),
-    }
-}
-
-/// Decodes the flattened "new record state" form: the row plus `__`-prefixed metadata.
-fn flattened_body<'t>(
-    payload: ShallowObject<'t>,
-    schema: Option<&Value>,
-) -> Result<Body<'t>, DecodeError> {
-    let mut row = Map::new();
-    let mut source = Map::new();
-    let mut op_code = None;
-    let mut deleted = false;
-    let mut ts_ms = None;
-    for (name, raw) in payload.into_fields() {
-        let value = parse_field(raw, &name)?;
-        if name == FLAT_OP {
-            match value {
-                Value::String(code) => op_code = Some(code),
-                Value::Null => {}
-                other => return Err(wrong_type(FLAT_OP, "string", &other)),
-            }
-        } else if name == FLAT_DELETED {
-            deleted = match &value {
-                Value::String(text) => text == "true",
-                Value::Bool(flag) => *flag,
-                Value::Null => false,
-                other => return Err(wrong_type(FLAT_DELETED, "\"true\" or \"false\"", other)),
-            };
-        } else if name == FLAT_TS_MS {
-            ts_ms = integer_or_numeric_text(&value);
-        } else if let Some(field) = name.strip_prefix(FLAT_SOURCE_PREFIX) {
-            source.insert(field.to_owned(), value);
-        } else if let Some(field) = name.strip_prefix(FLAT_PREFIX) {
-            // `add.fields=table,lsn` names source fields without the `source_` prefix.
-            source.entry(field.to_owned()).or_insert(value);
-        } else {
-            row.insert(name.into_owned(), value);
-        }
-    }
-    if let Some(schema) = schema {
-        convert_row(&mut row, schema, "value")?;
-    }
-    let op = match op_code.as_deref() {
-        Some(code) => Op::from_code(code).ok_or_else(|| DecodeError::UnknownOp {
-            op: code.to_owned(),
-        })?,
-        // Without `__op` a rewritten delete is flagged by `__deleted`; anything else is an
-        // upsert of the row.
-        None if deleted => Op::Delete,
-        None => Op::Update,
-    };
-    let (before, after) = if op == Op::Delete || deleted {
-        (Some(row), None)
-    } else {
-        (None, Some(row))
-    };
-    let op = if deleted { Op::Delete } else { op };
-    Ok(Body {
-        op,
-        before,
-        after,
-        after_json: None,
-        source,
-        ts_ms,
-        transaction_id: None,
-    })
-}
-
-/// One field's value, parsed. Its syntax was checked with the whole record, so what can fail
-/// here is the nesting limit.
-fn parse_field(raw: &RawValue, field: &str) -> Result<Value, DecodeError> {
-    serde_json::from_str(raw.get()).map_err(|error| field_error(field, &error))
-}
-
-fn field_error(field: &str, error: &serde_json::Error) -> DecodeError {
-    match classify_json_error("value", error) {
-        DecodeError::Malformed { part, detail } => DecodeError::Malformed {
-            part,
-            detail: format!("in field `{field}`: {detail}"),
-        },
-        other => other,
-    }
-}
-
-/// A row image: an object, or `None` for null or absent.
-fn row(raw: Option<&RawValue>, field: &str) -> Result<Option<Map<String, Value>>, DecodeError> {
-    match raw {
-        None => Ok(None),
-        Some(raw) if raw.get() == "null" => Ok(None),
-        Some(raw) if raw.get().starts_with('{') => serde_json::from_str(raw.get())
-            .map(Some)
-            .map_err(|error| field_error(field, &error)),
-        Some(raw) => Err(wrong_raw_type(field, "object or null", raw)),
-    }
-}
-
-fn wrong_raw_type(field: &str, expected: &'static str, found: &RawValue) -> DecodeError {
-    DecodeError::WrongType {
-        field: field.to_owned(),
-        expected,
-        found: raw_type_name(found),
-    }
-}
-
-fn optional_i64(raw: Option<&RawValue>, field: &str) -> Result<Option<i64>, DecodeError> {
-    let Some(raw) = raw.filter(|raw| raw.get() != "null") else {
-        return Ok(None);
-    };
-    if let Ok(number) = raw.get().parse() {
-        return Ok(Some(number));
-    }
-    // Debezium's documentation shows some integers as numeric text; accept both.
-    let value = parse_field(raw, field)?;
-    integer_or_numeric_text(&value)
-        .map(Some)
-        .ok_or_else(|| wrong_type(field, "integer", &value))
-}
-
-fn wrong_type(field: &str, expected: &'static str, found: &Value) -> DecodeError {
-    DecodeError::WrongType {
-        field: field.to_owned(),
-        expected,
-        found: json_type_name(found),
-    }
-}
-
-fn integer_or_numeric_text(value: &Value) -> Option<i64> {
-    value
-        .as_i64()
-        .or_else(|| value.as_str().and_then(|text| text.parse().ok()))
 }

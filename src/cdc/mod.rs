@@ -5,6 +5,7 @@
 //! never imports rdkafka, sqlx or tokio, and reports every problem as a typed [`DecodeError`]
 //! that names the field and the reason, so that the caller can send the record to a DLQ.
 
+mod body;
 mod change;
 mod decode;
 mod error;
