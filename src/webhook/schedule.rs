@@ -94,6 +94,24 @@ impl<T: Clone> Schedule<T> {
             .push_back(event);
     }
 
+    /// An event that needs no delivery (not of the subscription's types): its offset is
+    /// finished as soon as the events before it are.
+    pub fn pass(&mut self, partition: Partition, offset: i64) {
+        let progress = self.partitions.entry(partition).or_default();
+        progress.next = progress.next.max(offset + 1);
+    }
+
+    /// Replaces the entity's head's item (its attempt count after a failure).
+    pub fn update_head(&mut self, entity: &str, item: T) {
+        if let Some(head) = self
+            .entities
+            .get_mut(entity)
+            .and_then(|queue| queue.events.front_mut())
+        {
+            head.item = item;
+        }
+    }
+
     /// The heads that may be sent at `now_ms`, marked in flight: at most one per entity and
     /// `max_in_flight` in all.
     pub fn take_ready(&mut self, now_ms: i64) -> Vec<Queued<T>> {
