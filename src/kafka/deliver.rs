@@ -20,6 +20,36 @@ use crate::runtime::now_ms;
 use crate::webhook::client::{Delivery, WebhookClient};
 use crate::webhook::{Abandoned, Next, Queued, RetryPolicy, Schedule, SigningSecret, next_step};
 
+/// The consumer's context: revoked partitions are handed to the loop, which drops their
+/// events (the partition's new owner delivers them from the committed offset).
+#[derive(Default)]
+struct DeliverContext {
+    revoked: std::sync::Mutex<Vec<(String, i32)>>,
+}
+
+impl rdkafka::ClientContext for DeliverContext {}
+
+impl rdkafka::consumer::ConsumerContext for DeliverContext {
+    fn pre_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        if let rdkafka::consumer::Rebalance::Revoke(partitions) = rebalance {
+            let mut revoked = self
+                .revoked
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            revoked.extend(
+                partitions
+                    .elements()
+                    .iter()
+                    .map(|element| (element.topic().to_owned(), element.partition())),
+            );
+        }
+    }
+}
+
 /// How often delivered progress is committed.
 const COMMIT_EVERY: Duration = Duration::from_secs(1);
 
@@ -52,8 +82,8 @@ pub async fn deliver(
     let group = config.group_id(&kafka.group_id);
     let mut consumer_config = clients::group_consumer(kafka);
     consumer_config.set("group.id", &group);
-    let consumer: StreamConsumer = consumer_config
-        .create()
+    let consumer: StreamConsumer<DeliverContext> = consumer_config
+        .create_with_context(DeliverContext::default())
         .map_err(kafka_error("cannot create the webhook consumer"))?;
     let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
     consumer
@@ -97,6 +127,17 @@ pub async fn deliver(
     let mut committed: HashMap<(String, i32), i64> = HashMap::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        let revoked = std::mem::take(
+            &mut *consumer
+                .context()
+                .revoked
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for partition in revoked {
+            schedule.revoke(&partition);
+            committed.remove(&partition);
+        }
         for event in schedule.take_ready(now_ms()) {
             let client = client.clone();
             let url = config.url.clone();
@@ -132,6 +173,10 @@ pub async fn deliver(
             },
             Some(joined) = attempts.join_next() => {
                 let (event, result) = joined.map_err(|error| ServiceError::Webhook(format!("a delivery attempt panicked: {error}")))?;
+                if !schedule.head_is(&event.entity, &event.partition, event.offset) {
+                    // Its partition was revoked while the attempt ran.
+                    continue;
+                }
                 let mut item = event.item.clone();
                 item.attempts += 1;
                 let first = *item.first_attempt.get_or_insert_with(Instant::now);
@@ -218,7 +263,7 @@ fn take<M: Message>(schedule: &mut Schedule<Pending>, message: &M, types: &[Stri
 
 /// Commits, per partition, the offset up to which every event is finished.
 fn commit(
-    consumer: &StreamConsumer,
+    consumer: &StreamConsumer<DeliverContext>,
     schedule: &Schedule<Pending>,
     committed: &mut HashMap<(String, i32), i64>,
 ) -> Result<(), ServiceError> {

@@ -101,6 +101,15 @@ impl<T: Clone> Schedule<T> {
         progress.next = progress.next.max(offset + 1);
     }
 
+    /// Whether the entity's head is still this event (not dropped with its partition while
+    /// its attempt ran).
+    pub fn head_is(&self, entity: &str, partition: &Partition, offset: i64) -> bool {
+        self.entities
+            .get(entity)
+            .and_then(|queue| queue.events.front())
+            .is_some_and(|head| &head.partition == partition && head.offset == offset)
+    }
+
     /// Replaces the entity's head's item (its attempt count after a failure).
     pub fn update_head(&mut self, entity: &str, item: T) {
         if let Some(head) = self
