@@ -158,6 +158,9 @@ fn config(dir: &Path, prefix: &str, url: &str, max_age: &str) -> PathBuf {
 bootstrap_servers = "{bootstrap}"
 group_id = "{prefix}group"
 
+[http]
+listen = "127.0.0.1:0"
+
 [[webhook]]
 name = "receiver"
 topics = ["{prefix}events"]
@@ -188,6 +191,19 @@ fn start_deliver(config: &Path, log: &Path) -> Child {
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .expect("cdcflow deliver starts")
+}
+
+/// The body of `GET path` (HTTP/1.0: never chunked).
+fn http_get(address: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default()
 }
 
 /// Per entity, the sequence numbers of its first acceptances, in arrival order.
@@ -291,6 +307,23 @@ fn an_endpoint_down_past_max_age_dead_letters_its_events() {
         &format!("{prefix}group.webhook.receiver"),
         &format!("{prefix}events"),
         Duration::from_secs(60),
+    );
+    let log = std::fs::read_to_string(dir.path().join("deliver.log")).unwrap();
+    let address = log
+        .split("serving http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_else(|| panic!("no HTTP address in the log: {log}"))
+        .to_owned();
+    let metrics = http_get(&address, "/metrics");
+    let dead_lettered = format!(
+        r#"cdcflow_webhook_dlq_records_total{{reason="max_age_exceeded",subscription="receiver"}} {}"#,
+        all.len()
+    );
+    assert!(metrics.contains(&dead_lettered), "{metrics}");
+    assert!(
+        metrics.contains(r#"cdcflow_webhook_endpoint_up{subscription="receiver"} 0"#),
+        "{metrics}"
     );
     let _ = deliver.kill();
     let _ = deliver.wait();

@@ -54,12 +54,30 @@ pub(crate) async fn run(
             only.map_or(String::new(), |name| format!(" named `{name}`"))
         );
     }
+    let metrics = cdcflow::metrics::Metrics::new().context("cannot register the metrics")?;
+    if config.http.enabled {
+        let listener = cdcflow::http::bind(config.http.listen).await?;
+        let address = listener
+            .local_addr()
+            .context("the HTTP listener has no address")?;
+        tracing::info!("serving http://{address}/metrics, /healthz and /readyz");
+        let health = std::sync::Arc::new(cdcflow::runtime::Health::default());
+        health.set_joined(true);
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let stall_after = std::time::Duration::from_secs(3_600);
+            if let Err(error) = cdcflow::http::serve(listener, metrics, health, stall_after).await {
+                tracing::error!(%error, "the HTTP endpoint stopped");
+            }
+        });
+    }
     let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
     let mut running = tokio::task::JoinSet::new();
     for (index, webhook) in chosen {
         let subscription = Subscription {
             config: webhook.clone(),
             secrets: secrets(index, webhook)?,
+            metrics: metrics.clone(),
         };
         let kafka = config.kafka.clone();
         let mut stopped = stop.subscribe();

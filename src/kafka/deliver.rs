@@ -70,6 +70,22 @@ struct Pending {
 pub struct Subscription {
     pub config: WebhookConfig,
     pub secrets: Vec<SigningSecret>,
+    pub metrics: crate::metrics::Metrics,
+}
+
+/// The outcome label of an attempt.
+fn outcome(result: &crate::webhook::AttemptResult) -> &'static str {
+    use crate::webhook::AttemptResult;
+    match result {
+        AttemptResult::Answered { status, .. } => match status {
+            200..=299 => "2xx",
+            429 => "429",
+            500..=599 => "5xx",
+            _ => "4xx",
+        },
+        AttemptResult::TimedOut => "timeout",
+        AttemptResult::Unreachable(_) => "unreachable",
+    }
 }
 
 /// Runs one subscription until `shutdown` completes; commits what was delivered first.
@@ -142,6 +158,7 @@ pub async fn deliver(
             let client = client.clone();
             let url = config.url.clone();
             attempts.spawn(async move {
+                let started = Instant::now();
                 let timestamp = now_ms() / 1000;
                 let delivery = Delivery {
                     id: &event.item.id,
@@ -150,7 +167,7 @@ pub async fn deliver(
                     content_type: &event.item.content_type,
                 };
                 let result = client.attempt(&url, &delivery).await;
-                (event, result)
+                (event, result, started.elapsed())
             });
         }
         let wake = schedule
@@ -172,7 +189,16 @@ pub async fn deliver(
                 Err(error) => tracing::warn!(%error, "webhook consumer error; continuing"),
             },
             Some(joined) = attempts.join_next() => {
-                let (event, result) = joined.map_err(|error| ServiceError::Webhook(format!("a delivery attempt panicked: {error}")))?;
+                let (event, result, took) = joined.map_err(|error| ServiceError::Webhook(format!("a delivery attempt panicked: {error}")))?;
+                let metrics = &subscription.metrics;
+                let name = config.name.as_str();
+                let outcome = outcome(&result);
+                metrics.webhook_attempts.with_label_values(&[name, outcome]).inc();
+                metrics.webhook_attempt_seconds.with_label_values(&[name]).observe(took.as_secs_f64());
+                metrics
+                    .webhook_endpoint_up
+                    .with_label_values(&[name])
+                    .set(i64::from(matches!(outcome, "2xx" | "4xx")));
                 if !schedule.head_is(&event.entity, &event.partition, event.offset) {
                     // Its partition was revoked while the attempt ran.
                     continue;
@@ -190,12 +216,26 @@ pub async fn deliver(
                     Next::DeadLetter(abandoned) => {
                         tracing::warn!(id = %item.id, reason = abandoned.reason, attempts = abandoned.attempts, "webhook delivery abandoned; to the DLQ");
                         dead_letter(&dlq, &dlq_topic, &config.name, &event, &item, &abandoned).await?;
+                        metrics
+                            .webhook_dlq_records
+                            .with_label_values(&[name, abandoned.reason])
+                            .inc();
                         schedule.finished(&event.entity);
                     }
                 }
             }
             () = tokio::time::sleep(wake) => {}
         }
+        let name = config.name.as_str();
+        let metrics = &subscription.metrics;
+        metrics
+            .webhook_queued
+            .with_label_values(&[name])
+            .set(schedule.len() as i64);
+        metrics
+            .webhook_retries_pending
+            .with_label_values(&[name])
+            .set(schedule.waiting_retries() as i64);
         if last_commit.elapsed() >= COMMIT_EVERY {
             commit(&consumer, &schedule, &mut committed)?;
             last_commit = Instant::now();

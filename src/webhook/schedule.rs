@@ -175,6 +175,14 @@ impl<T: Clone> Schedule<T> {
         }
     }
 
+    /// Heads waiting for a retry.
+    pub fn waiting_retries(&self) -> usize {
+        self.entities
+            .values()
+            .filter(|queue| matches!(queue.head, Head::WaitingUntil(at) if at > i64::MIN))
+            .count()
+    }
+
     /// When the earliest waiting retry falls due, if any head waits for one.
     pub fn next_due(&self) -> Option<i64> {
         self.entities
