@@ -94,6 +94,17 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Deliver business events to the `[[webhook]]` endpoints of the config: each
+    /// subscription consumes its topics as its own consumer group and POSTs every event,
+    /// signed (Standard Webhooks), in per-entity order, with retries and a DLQ topic.
+    Deliver {
+        /// The TOML config file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        /// Only this subscription.
+        #[arg(long)]
+        subscription: Option<String>,
+    },
     /// Look into and act on the dead-letter topics: list, replay after a fix, discard.
     Dlq {
         #[command(subcommand)]
@@ -136,6 +147,19 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Check { config } => check(&config),
+        Command::Deliver {
+            config,
+            subscription,
+        } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(async {
+                cli::deliver::run(&config, subscription.as_deref(), stop_signal()?).await
+            })
+        }
         Command::Dlq { action } => small_runtime()?.block_on(cli::operate::dlq(action)),
         Command::State { action } => small_runtime()?.block_on(cli::operate::state(action)),
         Command::Run { config } => {
@@ -187,6 +211,7 @@ fn long_version() -> String {
 
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
+    config.require_pipelines()?;
     let pipelines = config.build_pipelines()?;
     ClientLibrary::linked().check(&config.kafka)?;
     println!(
@@ -226,6 +251,7 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
 
 async fn run_command(config_path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&config_path)?;
+    config.require_pipelines()?;
     let pipelines = Arc::new(config.build_pipelines()?);
     let store = Arc::new(SqliteStore::open(&config.state.path).await?);
     let shutdown = stop_signal()?;
@@ -305,6 +331,7 @@ async fn replay_command(
     in_memory: bool,
 ) -> anyhow::Result<()> {
     let config = Config::load(&config_path)?;
+    config.require_pipelines()?;
     let pipelines = std::sync::Arc::new(config.build_pipelines()?);
     let options = ReplayOptions {
         batch_size: config.replay.batch_size,

@@ -27,6 +27,7 @@ use crate::engine::{
 pub use model::{
     Config, DeliveryConfig, EventsConfig, FormatConfig, HttpConfig, KafkaConfig, LimitsConfig,
     PayloadConfig, PipelineConfig, ReplayConfig, RuleConfig, StateConfig, VersionBy, VersionConfig,
+    WebhookConfig,
 };
 
 /// librdkafka properties the runtime manages to keep its guarantees, each with what to do
@@ -165,6 +166,24 @@ fn syntax_message(text: &str, error: &toml::de::Error) -> String {
     }
 }
 
+fn no_pipeline() -> ConfigError {
+    invalid(
+        "pipeline",
+        "no pipeline is defined; add a [[pipeline]] table with a name, topics and rules",
+    )
+}
+
+impl Config {
+    /// For the commands that run pipelines: at least one must be defined.
+    pub fn require_pipelines(&self) -> Result<(), ConfigError> {
+        if self.pipelines.is_empty() {
+            Err(no_pipeline())
+        } else {
+            Ok(())
+        }
+    }
+}
+
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
@@ -230,11 +249,10 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.pipelines.is_empty() {
-            return Err(invalid(
-                "pipeline",
-                "no pipeline is defined; add a [[pipeline]] table with a name, topics and rules",
-            ));
+        // A config of webhook subscriptions alone serves `cdcflow deliver`; the commands that
+        // run pipelines ask for them (`require_pipelines`).
+        if self.pipelines.is_empty() && self.webhooks.is_empty() {
+            return Err(no_pipeline());
         }
         if !(1..=128).contains(&self.limits.max_nesting_depth) {
             return Err(invalid(

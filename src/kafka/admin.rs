@@ -279,7 +279,7 @@ const WAIT_FOR_BROKERS: RetryPolicy = RetryPolicy::new(
 )
 .counted_as("wait_for_brokers");
 
-fn create_topics(
+pub(super) fn create_topics(
     kafka: &KafkaConfig,
     topics: &[(String, i32, bool)],
     runtime: &tokio::runtime::Handle,

@@ -11,6 +11,8 @@ use crate::store::StoreError;
 
 #[derive(Debug, Error)]
 pub enum ServiceError {
+    #[error("webhook delivery: {0}")]
+    Webhook(String),
     #[error("{context}: {source}")]
     Kafka {
         context: String,

@@ -33,6 +33,7 @@ mod at_least_once;
 mod clients;
 mod commit;
 mod consume;
+mod deliver;
 mod error;
 mod features;
 mod produce;
@@ -45,6 +46,7 @@ mod service;
 pub mod tools;
 mod transactional;
 
+pub use deliver::{Subscription, deliver};
 pub use error::ServiceError;
 pub use features::{ClientLibrary, required_features};
 pub use service::{ServiceOptions, run_service};

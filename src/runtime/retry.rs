@@ -98,6 +98,10 @@ impl Jitter {
     }
 
     /// A number in `[0, 1)`.
+    pub fn fraction(&mut self) -> f64 {
+        self.next_fraction()
+    }
+
     fn next_fraction(&mut self) -> f64 {
         // xorshift64
         self.0 ^= self.0 << 13;

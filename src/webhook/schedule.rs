@@ -94,6 +94,33 @@ impl<T: Clone> Schedule<T> {
             .push_back(event);
     }
 
+    /// An event that needs no delivery (not of the subscription's types): its offset is
+    /// finished as soon as the events before it are.
+    pub fn pass(&mut self, partition: Partition, offset: i64) {
+        let progress = self.partitions.entry(partition).or_default();
+        progress.next = progress.next.max(offset + 1);
+    }
+
+    /// Whether the entity's head is still this event (not dropped with its partition while
+    /// its attempt ran).
+    pub fn head_is(&self, entity: &str, partition: &Partition, offset: i64) -> bool {
+        self.entities
+            .get(entity)
+            .and_then(|queue| queue.events.front())
+            .is_some_and(|head| &head.partition == partition && head.offset == offset)
+    }
+
+    /// Replaces the entity's head's item (its attempt count after a failure).
+    pub fn update_head(&mut self, entity: &str, item: T) {
+        if let Some(head) = self
+            .entities
+            .get_mut(entity)
+            .and_then(|queue| queue.events.front_mut())
+        {
+            head.item = item;
+        }
+    }
+
     /// The heads that may be sent at `now_ms`, marked in flight: at most one per entity and
     /// `max_in_flight` in all.
     pub fn take_ready(&mut self, now_ms: i64) -> Vec<Queued<T>> {
@@ -146,6 +173,14 @@ impl<T: Clone> Schedule<T> {
             }
             queue.head = Head::WaitingUntil(at_ms);
         }
+    }
+
+    /// Heads waiting for a retry.
+    pub fn waiting_retries(&self) -> usize {
+        self.entities
+            .values()
+            .filter(|queue| matches!(queue.head, Head::WaitingUntil(at) if at > i64::MIN))
+            .count()
     }
 
     /// When the earliest waiting retry falls due, if any head waits for one.

@@ -1,0 +1,372 @@
+//! `cdcflow deliver`: one outgoing webhook subscription. Its own consumer group reads the
+//! business-event topics (Kafka is the outbox); each event is POSTed, signed, in per-entity
+//! order ([`crate::webhook::Schedule`]), retried by [`crate::webhook::next_step`], and after
+//! the last attempt written to the subscription's DLQ topic. Offsets are committed only past
+//! events delivered or dead-lettered: a crash delivers again (same `webhook-id`), never skips.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Header as KafkaHeader, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::commit::is_fatal_consumer_error;
+use super::error::{ServiceError, kafka_error};
+use super::{admin, clients};
+use crate::config::{DeliveryConfig, KafkaConfig, WebhookConfig};
+use crate::runtime::now_ms;
+use crate::webhook::client::{Delivery, WebhookClient};
+use crate::webhook::{Abandoned, Next, Queued, RetryPolicy, Schedule, SigningSecret, next_step};
+
+/// The consumer's context: revoked partitions are handed to the loop, which drops their
+/// events (the partition's new owner delivers them from the committed offset).
+#[derive(Default)]
+struct DeliverContext {
+    revoked: std::sync::Mutex<Vec<(String, i32)>>,
+}
+
+impl rdkafka::ClientContext for DeliverContext {}
+
+impl rdkafka::consumer::ConsumerContext for DeliverContext {
+    fn pre_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        if let rdkafka::consumer::Rebalance::Revoke(partitions) = rebalance {
+            let mut revoked = self
+                .revoked
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            revoked.extend(
+                partitions
+                    .elements()
+                    .iter()
+                    .map(|element| (element.topic().to_owned(), element.partition())),
+            );
+        }
+    }
+}
+
+/// How often delivered progress is committed.
+const COMMIT_EVERY: Duration = Duration::from_secs(1);
+
+/// One event waiting for its delivery.
+#[derive(Debug, Clone)]
+struct Pending {
+    id: String,
+    body: Vec<u8>,
+    content_type: String,
+    key: Option<Vec<u8>>,
+    /// Attempts made so far, and when the first was.
+    attempts: u32,
+    first_attempt: Option<Instant>,
+}
+
+/// A subscription ready to run.
+#[derive(Debug)]
+pub struct Subscription {
+    pub config: WebhookConfig,
+    pub secrets: Vec<SigningSecret>,
+    pub metrics: crate::metrics::Metrics,
+}
+
+/// The outcome label of an attempt.
+fn outcome(result: &crate::webhook::AttemptResult) -> &'static str {
+    use crate::webhook::AttemptResult;
+    match result {
+        AttemptResult::Answered { status, .. } => match status {
+            200..=299 => "2xx",
+            429 => "429",
+            500..=599 => "5xx",
+            _ => "4xx",
+        },
+        AttemptResult::TimedOut => "timeout",
+        AttemptResult::Unreachable(_) => "unreachable",
+    }
+}
+
+/// Runs one subscription until `shutdown` completes; commits what was delivered first.
+pub async fn deliver(
+    kafka: &KafkaConfig,
+    subscription: Subscription,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServiceError> {
+    let config = &subscription.config;
+    let group = config.group_id(&kafka.group_id);
+    let mut consumer_config = clients::group_consumer(kafka);
+    consumer_config.set("group.id", &group);
+    let consumer: StreamConsumer<DeliverContext> = consumer_config
+        .create_with_context(DeliverContext::default())
+        .map_err(kafka_error("cannot create the webhook consumer"))?;
+    let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(kafka_error(format!("cannot subscribe to {topics:?}")))?;
+    let mut producer_kafka = kafka.clone();
+    producer_kafka.delivery = DeliveryConfig::AtLeastOnce;
+    let dlq: FutureProducer = clients::producer(&producer_kafka, "", None)
+        .create()
+        .map_err(kafka_error("cannot create the webhook DLQ producer"))?;
+    let client = WebhookClient::new(
+        subscription.secrets.clone(),
+        config.timeout,
+        config.max_in_flight,
+    )
+    .map_err(|error| ServiceError::Webhook(error.to_string()))?;
+    let policy = RetryPolicy {
+        initial_backoff: config.initial_backoff,
+        max_backoff: config.max_backoff,
+        max_attempts: config.max_attempts,
+        max_age: config.max_age,
+    };
+    let dlq_topic = config.dlq_topic();
+    // The DLQ topic exists before the first delivery can fail: cdcflow's clients never create
+    // topics by producing to them.
+    let handle = tokio::runtime::Handle::current();
+    let (admin_kafka, topic) = (kafka.clone(), dlq_topic.clone());
+    tokio::task::spawn_blocking(move || {
+        admin::create_topics(&admin_kafka, &[(topic, 1, false)], &handle)
+    })
+    .await
+    .map_err(|error| {
+        ServiceError::Webhook(format!("creating the DLQ topic panicked: {error}"))
+    })??;
+    tracing::info!(subscription = %config.name, %group, url = %config.url, "webhook delivery started");
+
+    let mut schedule: Schedule<Pending> = Schedule::new(config.max_in_flight, config.max_queued);
+    let mut attempts = tokio::task::JoinSet::new();
+    let mut jitter = crate::runtime::Jitter::new();
+    let mut last_commit = Instant::now();
+    let mut committed: HashMap<(String, i32), i64> = HashMap::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let revoked = std::mem::take(
+            &mut *consumer
+                .context()
+                .revoked
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for partition in revoked {
+            schedule.revoke(&partition);
+            committed.remove(&partition);
+        }
+        for event in schedule.take_ready(now_ms()) {
+            let client = client.clone();
+            let url = config.url.clone();
+            attempts.spawn(async move {
+                let started = Instant::now();
+                let timestamp = now_ms() / 1000;
+                let delivery = Delivery {
+                    id: &event.item.id,
+                    timestamp,
+                    body: &event.item.body,
+                    content_type: &event.item.content_type,
+                };
+                let result = client.attempt(&url, &delivery).await;
+                (event, result, started.elapsed())
+            });
+        }
+        let wake = schedule
+            .next_due()
+            .map_or(Duration::from_millis(200), |at| {
+                Duration::from_millis((at - now_ms()).clamp(1, 200) as u64)
+            });
+        tokio::select! {
+            () = &mut shutdown => break,
+            received = consumer.recv(), if schedule.has_room() => match received {
+                Ok(message) => take(&mut schedule, &message, &config.event_types),
+                Err(source) if is_fatal_consumer_error(&source) => {
+                    return Err(ServiceError::Kafka {
+                        context: "the webhook consumer cannot go on".to_owned(),
+                        source,
+                    });
+                }
+                // A topic not created yet, a broker restarting: librdkafka goes on by itself.
+                Err(error) => tracing::warn!(%error, "webhook consumer error; continuing"),
+            },
+            Some(joined) = attempts.join_next() => {
+                let (event, result, took) = joined.map_err(|error| ServiceError::Webhook(format!("a delivery attempt panicked: {error}")))?;
+                let metrics = &subscription.metrics;
+                let name = config.name.as_str();
+                let outcome = outcome(&result);
+                metrics.webhook_attempts.with_label_values(&[name, outcome]).inc();
+                metrics.webhook_attempt_seconds.with_label_values(&[name]).observe(took.as_secs_f64());
+                metrics
+                    .webhook_endpoint_up
+                    .with_label_values(&[name])
+                    .set(i64::from(matches!(outcome, "2xx" | "4xx")));
+                if !schedule.head_is(&event.entity, &event.partition, event.offset) {
+                    // Its partition was revoked while the attempt ran.
+                    continue;
+                }
+                let mut item = event.item.clone();
+                item.attempts += 1;
+                let first = *item.first_attempt.get_or_insert_with(Instant::now);
+                match next_step(&policy, &result, item.attempts, first.elapsed(), now_ms() / 1000, jitter.fraction()) {
+                    Next::Delivered => schedule.finished(&event.entity),
+                    Next::RetryIn(wait) => {
+                        tracing::debug!(id = %item.id, attempts = item.attempts, ?wait, ?result, "webhook attempt failed; retrying");
+                        schedule.update_head(&event.entity, item);
+                        schedule.retry_at(&event.entity, now_ms() + wait.as_millis() as i64);
+                    }
+                    Next::DeadLetter(abandoned) => {
+                        tracing::warn!(id = %item.id, reason = abandoned.reason, attempts = abandoned.attempts, "webhook delivery abandoned; to the DLQ");
+                        dead_letter(&dlq, &dlq_topic, &config.name, &event, &item, &abandoned).await?;
+                        metrics
+                            .webhook_dlq_records
+                            .with_label_values(&[name, abandoned.reason])
+                            .inc();
+                        schedule.finished(&event.entity);
+                    }
+                }
+            }
+            () = tokio::time::sleep(wake) => {}
+        }
+        let name = config.name.as_str();
+        let metrics = &subscription.metrics;
+        metrics
+            .webhook_queued
+            .with_label_values(&[name])
+            .set(schedule.len() as i64);
+        metrics
+            .webhook_retries_pending
+            .with_label_values(&[name])
+            .set(schedule.waiting_retries() as i64);
+        if last_commit.elapsed() >= COMMIT_EVERY {
+            commit(&consumer, &schedule, &mut committed)?;
+            last_commit = Instant::now();
+        }
+    }
+    commit(&consumer, &schedule, &mut committed)?;
+    tracing::info!(subscription = %config.name, "webhook delivery stopped");
+    Ok(())
+}
+
+/// Queues a consumed event (one not of the subscription's types is finished at once).
+fn take<M: Message>(schedule: &mut Schedule<Pending>, message: &M, types: &[String]) {
+    let header = |name: &str| {
+        message.headers().and_then(|headers| {
+            headers
+                .iter()
+                .find(|header| header.key.eq_ignore_ascii_case(name))
+                .and_then(|header| header.value)
+                .map(|value| String::from_utf8_lossy(value).into_owned())
+        })
+    };
+    let body = message.payload().unwrap_or_default().to_vec();
+    let structured: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+    let attribute = |name: &str| {
+        structured
+            .as_ref()
+            .and_then(|event| event.get(name))
+            .and_then(|value| value.as_str())
+            .map(str::to_owned)
+            .or_else(|| header(&format!("ce_{name}")))
+    };
+    let id = attribute("id").unwrap_or_else(|| {
+        format!(
+            "{}-{}-{}",
+            message.topic(),
+            message.partition(),
+            message.offset()
+        )
+    });
+    let event_type = attribute("type").unwrap_or_default();
+    let entity = message.key().map_or_else(
+        || format!("{}/{}", message.partition(), message.offset()),
+        |key| String::from_utf8_lossy(key).into_owned(),
+    );
+    let queued = Queued {
+        partition: (message.topic().to_owned(), message.partition()),
+        offset: message.offset(),
+        entity,
+        item: Pending {
+            id,
+            body,
+            content_type: header("content-type")
+                .unwrap_or_else(|| "application/cloudevents+json".to_owned()),
+            key: message.key().map(<[u8]>::to_vec),
+            attempts: 0,
+            first_attempt: None,
+        },
+    };
+    if types.is_empty() || types.contains(&event_type) {
+        schedule.push(queued);
+    } else {
+        schedule.pass(queued.partition, queued.offset);
+    }
+}
+
+/// Commits, per partition, the offset up to which every event is finished.
+fn commit(
+    consumer: &StreamConsumer<DeliverContext>,
+    schedule: &Schedule<Pending>,
+    committed: &mut HashMap<(String, i32), i64>,
+) -> Result<(), ServiceError> {
+    let mut list = TopicPartitionList::new();
+    for ((topic, partition), offset) in schedule.committable() {
+        if committed.get(&(topic.clone(), partition)) == Some(&offset) {
+            continue;
+        }
+        list.add_partition_offset(&topic, partition, Offset::Offset(offset))
+            .map_err(kafka_error("cannot build the offsets to commit"))?;
+        committed.insert((topic, partition), offset);
+    }
+    if list.count() > 0 {
+        consumer
+            .commit(&list, CommitMode::Async)
+            .map_err(kafka_error("cannot commit the delivered offsets"))?;
+    }
+    Ok(())
+}
+
+/// Writes an abandoned event to the subscription's DLQ, with why.
+async fn dead_letter(
+    producer: &FutureProducer,
+    topic: &str,
+    subscription: &str,
+    event: &Queued<Pending>,
+    item: &Pending,
+    abandoned: &Abandoned,
+) -> Result<(), ServiceError> {
+    let status = abandoned
+        .last_status
+        .map_or_else(String::new, |status| status.to_string());
+    let offset = event.offset.to_string();
+    let partition = event.partition.1.to_string();
+    let attempts = abandoned.attempts.to_string();
+    let headers = [
+        ("cdcflow.webhook.subscription", subscription),
+        ("cdcflow.webhook.reason", abandoned.reason),
+        ("cdcflow.webhook.attempts", attempts.as_str()),
+        ("cdcflow.webhook.last_status", status.as_str()),
+        ("cdcflow.webhook.last_error", abandoned.last_error.as_str()),
+        ("cdcflow.webhook.id", item.id.as_str()),
+        ("cdcflow.origin.topic", event.partition.0.as_str()),
+        ("cdcflow.origin.partition", partition.as_str()),
+        ("cdcflow.origin.offset", offset.as_str()),
+    ]
+    .into_iter()
+    .fold(OwnedHeaders::new(), |headers, (key, value)| {
+        headers.insert(KafkaHeader {
+            key,
+            value: Some(value),
+        })
+    });
+    let mut record = FutureRecord::to(topic).payload(&item.body).headers(headers);
+    if let Some(key) = &item.key {
+        record = record.key(key);
+    }
+    producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .map_err(|(source, _)| ServiceError::Kafka {
+            context: format!("cannot write to the webhook DLQ `{topic}`"),
+            source,
+        })?;
+    Ok(())
+}
