@@ -26,13 +26,17 @@
 //! - [`metrics`]: every Prometheus metric family in one place.
 //! - [`ops`]: the operator's tools as pure functions: dead letters read back, filtered, and
 //!   written back for a replay or a discard.
-//! - [`webhook`]: outgoing webhooks, the pure parts: Standard Webhooks signatures, retry
-//!   decisions, the per-entity delivery order and the offsets that may be committed.
+//! - [`webhook`]: outgoing webhooks: Standard Webhooks signatures, retry decisions, the
+//!   per-entity delivery order, the offsets that may be committed and the `when` condition
+//!   (pure), and the HTTP client of one attempt. The Kafka side is `kafka::deliver`.
+//! - [`ingress`]: the webhook ingress: what a push must be (pure), the request-id store
+//!   (PostgreSQL or SQLite through sqlx) and the HTTP server that writes each push once.
 
 pub mod cdc;
 pub mod config;
 pub mod engine;
 pub mod http;
+pub mod ingress;
 pub mod kafka;
 pub mod metrics;
 pub mod ops;

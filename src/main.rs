@@ -5,13 +5,13 @@ use std::io::{self, BufRead, BufReader, BufWriter, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context as _;
 use cdcflow::config::Config;
-use cdcflow::kafka::{ClientLibrary, ServiceOptions, run_service};
-use cdcflow::metrics::{self, Metrics, Tally};
-use cdcflow::runtime::{Health, ReplayOptions, SharedPipelines, replay};
+use cdcflow::kafka::ClientLibrary;
+use cdcflow::metrics::{self, Tally};
+use cdcflow::runtime::{ReplayOptions, SharedPipelines, replay};
 use cdcflow::store::{MemoryStore, SqliteStore, StateStore};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
@@ -87,8 +87,8 @@ enum Command {
     /// into business events, and publish them with the configured delivery guarantee
     /// (`[kafka] delivery`: exactly_once or at_least_once). State lives in the SQLite file of
     /// `[state] path`, backed by a compacted changelog topic per pipeline; deleting the file
-    /// loses nothing. SIGTERM or Ctrl-C finishes the batch, commits, leaves the group and
-    /// exits 0.
+    /// loses nothing. The config's `[[webhook]]` subscriptions and `[ingress]` run beside the
+    /// pipelines. SIGTERM or Ctrl-C finishes the batch, commits, leaves the group and exits 0.
     Run {
         /// The TOML config file.
         #[arg(short, long, value_name = "FILE")]
@@ -104,6 +104,14 @@ enum Command {
         /// Only this subscription.
         #[arg(long)]
         subscription: Option<String>,
+    },
+    /// Serve the `[ingress]` of the config: pushes over HTTP, signature-checked, deduplicated
+    /// by request id (`webhook-id` or `Idempotency-Key`) in a database, each written once to
+    /// Kafka and answered only after the broker acknowledged it.
+    Ingress {
+        /// The TOML config file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
     },
     /// Look into and act on the dead-letter topics: list, replay after a fix, discard.
     Dlq {
@@ -160,6 +168,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cli::deliver::run(&config, subscription.as_deref(), stop_signal()?).await
             })
         }
+        Command::Ingress { config } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(async { cli::ingress::run(&config, stop_signal()?).await })
+        }
         Command::Dlq { action } => small_runtime()?.block_on(cli::operate::dlq(action)),
         Command::State { action } => small_runtime()?.block_on(cli::operate::state(action)),
         Command::Run { config } => {
@@ -168,7 +184,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
-            runtime.block_on(run_command(config))
+            runtime.block_on(async { cli::run::run(&config, stop_signal()?).await })
         }
         Command::Replay {
             config,
@@ -249,70 +265,9 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_command(config_path: PathBuf) -> anyhow::Result<()> {
-    let config = Config::load(&config_path)?;
-    config.require_pipelines()?;
-    let pipelines = Arc::new(config.build_pipelines()?);
-    let store = Arc::new(SqliteStore::open(&config.state.path).await?);
-    let shutdown = stop_signal()?;
-    let metrics = Metrics::new().context("cannot register the metrics")?;
-    let health = Arc::new(Health::default());
-    if config.http.enabled {
-        let listener = cdcflow::http::bind(config.http.listen).await?;
-        let address = listener
-            .local_addr()
-            .context("the HTTP listener has no address")?;
-        tracing::info!("serving http://{address}/metrics, /healthz and /readyz");
-        let (metrics, health) = (metrics.clone(), Arc::clone(&health));
-        // A batch may wait for stable offsets (3 transaction timeouts) and retry its commit:
-        // only a loop silent well beyond that is stuck.
-        let stall_after = config.kafka.transaction_timeout * 6 + Duration::from_secs(60);
-        tokio::spawn(async move {
-            if let Err(error) = cdcflow::http::serve(listener, metrics, health, stall_after).await {
-                tracing::error!(%error, "the HTTP endpoint stopped");
-            }
-        });
-    }
-    let store_stats = tokio::spawn(report_store_stats(Arc::clone(&store), metrics.clone()));
-    let options = ServiceOptions {
-        kafka: config.kafka.clone(),
-        cache_entries: config.state.cache_entries,
-        flush_records: config.state.flush_records,
-        metrics,
-        health,
-    };
-    let handle = tokio::runtime::Handle::current();
-    let service_store = Arc::clone(&store);
-    // librdkafka's transactional and commit calls block: the service owns a thread.
-    let result = tokio::task::spawn_blocking(move || {
-        run_service(options, pipelines, service_store, handle, shutdown)
-    })
-    .await
-    .context("the service thread panicked")?;
-    // The stats task holds the store: it ends before the store closes.
-    store_stats.abort();
-    let _ = store_stats.await;
-    if let Ok(store) = Arc::try_unwrap(store) {
-        store.close().await;
-    }
-    Ok(result?)
-}
-
-/// Updates the store's size and entity counts every 15 seconds (counting scans the key).
-async fn report_store_stats(store: Arc<SqliteStore>, metrics: Metrics) {
-    let mut every = tokio::time::interval(Duration::from_secs(15));
-    loop {
-        every.tick().await;
-        match store.stats().await {
-            Ok(stats) => metrics.store_stats(&stats),
-            Err(error) => tracing::warn!(%error, "cannot read the state store's size"),
-        }
-    }
-}
-
 /// A future that completes at SIGTERM or SIGINT: the service then finishes its batch and
 /// stops.
-fn stop_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+pub(crate) fn stop_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;

@@ -1,6 +1,9 @@
-//! Commands of the `cdcflow` binary beyond `run`, `replay` and `check`, and what the binary
-//! shows on a terminal.
+//! Commands of the `cdcflow` binary beyond `replay` and `check`, and what the binary shows on
+//! a terminal.
 
 pub(crate) mod deliver;
+pub(crate) mod ingress;
 pub(crate) mod operate;
 pub(crate) mod progress;
+pub(crate) mod run;
+pub(crate) mod tasks;

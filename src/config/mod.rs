@@ -5,6 +5,8 @@
 //! a key (`CDCFLOW__STATE__PATH=/var/lib/cdcflow/state.db`); the value is read as a TOML value
 //! when it parses as one, else as text.
 
+mod duration;
+mod endpoints;
 mod model;
 mod security;
 
@@ -27,8 +29,9 @@ use crate::engine::{
 pub use model::{
     Config, DeliveryConfig, EventsConfig, FormatConfig, HttpConfig, KafkaConfig, LimitsConfig,
     PayloadConfig, PipelineConfig, ReplayConfig, RuleConfig, StateConfig, VersionBy, VersionConfig,
-    WebhookConfig,
 };
+
+pub use endpoints::{IngressConfig, IngressRoute, WebhookConfig};
 
 /// librdkafka properties the runtime manages to keep its guarantees, each with what to do
 /// instead; a pass-through of one of them is a config error naming the key and the fix.
@@ -249,10 +252,15 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        // A config of webhook subscriptions alone serves `cdcflow deliver`; the commands that
-        // run pipelines ask for them (`require_pipelines`).
-        if self.pipelines.is_empty() && self.webhooks.is_empty() {
+        // A config of webhook subscriptions or an ingress alone serves `cdcflow deliver`,
+        // `cdcflow ingress` or `cdcflow run`; `replay` and `check` ask for pipelines
+        // (`require_pipelines`).
+        if self.pipelines.is_empty() && self.webhooks.is_empty() && self.ingress.is_none() {
             return Err(no_pipeline());
+        }
+        endpoints::validate_webhooks(&self.webhooks)?;
+        if let Some(ingress) = &self.ingress {
+            endpoints::validate_ingress(ingress)?;
         }
         if !(1..=128).contains(&self.limits.max_nesting_depth) {
             return Err(invalid(

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use super::duration;
+use super::endpoints::{IngressConfig, WebhookConfig};
 use super::security::{ClientSecurity, SecurityConfig};
 use crate::cdc::{DecodeLimits, EnvelopeFormat};
 use crate::engine::{Connector, EventMode, PayloadSpec, RuleSpec, VersionSource, VersionSpec};
@@ -35,90 +37,12 @@ pub struct Config {
     /// The pipelines: one per source table (or group of topics).
     #[serde(rename = "pipeline", default)]
     pub pipelines: Vec<PipelineConfig>,
-    /// Outgoing webhook subscriptions (`cdcflow deliver`).
+    /// Outgoing webhook subscriptions (`cdcflow run` or `cdcflow deliver`).
     #[serde(rename = "webhook", default)]
     pub webhooks: Vec<WebhookConfig>,
-}
-
-/// `[[webhook]]`: a subscription that POSTs business events to an endpoint.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WebhookConfig {
-    /// Names the subscription: its consumer group, DLQ topic and metrics.
-    pub name: String,
-    /// Business-event topics to deliver.
-    pub topics: Vec<String>,
-    /// The endpoint (http or https).
-    pub url: String,
-    /// Standard Webhooks secrets (`whsec_...`), the current one first; every one signs during
-    /// a rotation.
+    /// The webhook ingress (`cdcflow run` or `cdcflow ingress`).
     #[serde(default)]
-    pub secrets: Vec<crate::config::security::Secret>,
-    /// An environment variable holding the secrets, space-separated.
-    #[serde(default)]
-    pub secrets_env: Option<String>,
-    /// Only these CloudEvents types (default: every event of the topics).
-    #[serde(default)]
-    pub event_types: Vec<String>,
-    /// One attempt's limit, connecting and answering. Default 10 s.
-    #[serde(default = "default_webhook_timeout", with = "duration")]
-    pub timeout: std::time::Duration,
-    /// Attempts in all before the DLQ. Default 10.
-    #[serde(default = "default_webhook_max_attempts")]
-    pub max_attempts: u32,
-    /// From the first attempt, how long an event may take before the DLQ. Default 24 h.
-    #[serde(default = "default_webhook_max_age", with = "duration")]
-    pub max_age: std::time::Duration,
-    /// The first wait between attempts; it doubles up to `max_backoff`. Default 1 s.
-    #[serde(default = "default_webhook_initial_backoff", with = "duration")]
-    pub initial_backoff: std::time::Duration,
-    /// Default 10 min.
-    #[serde(default = "default_webhook_max_backoff", with = "duration")]
-    pub max_backoff: std::time::Duration,
-    /// Requests at once. Default 32.
-    #[serde(default = "default_webhook_max_in_flight")]
-    pub max_in_flight: usize,
-    /// Events held in memory (the consumer pauses beyond). Default 10,000.
-    #[serde(default = "default_webhook_max_queued")]
-    pub max_queued: usize,
-    /// Dead-letter topic. Default `cdcflow.webhook-dlq.<name>`.
-    #[serde(default)]
-    pub dlq_topic: Option<String>,
-}
-
-impl WebhookConfig {
-    pub fn dlq_topic(&self) -> String {
-        self.dlq_topic
-            .clone()
-            .unwrap_or_else(|| format!("cdcflow.webhook-dlq.{}", self.name))
-    }
-
-    /// The subscription's own consumer group: `<kafka.group_id>.webhook.<name>`.
-    pub fn group_id(&self, kafka_group: &str) -> String {
-        format!("{kafka_group}.webhook.{}", self.name)
-    }
-}
-
-fn default_webhook_timeout() -> std::time::Duration {
-    std::time::Duration::from_secs(10)
-}
-fn default_webhook_max_attempts() -> u32 {
-    10
-}
-fn default_webhook_max_age() -> std::time::Duration {
-    std::time::Duration::from_secs(24 * 3600)
-}
-fn default_webhook_initial_backoff() -> std::time::Duration {
-    std::time::Duration::from_secs(1)
-}
-fn default_webhook_max_backoff() -> std::time::Duration {
-    std::time::Duration::from_secs(600)
-}
-fn default_webhook_max_in_flight() -> usize {
-    32
-}
-fn default_webhook_max_queued() -> usize {
-    10_000
+    pub ingress: Option<IngressConfig>,
 }
 
 /// `[state]`
@@ -626,63 +550,4 @@ pub enum DeliveryConfig {
     ExactlyOnce,
     /// Outputs durable, then state, then offsets: a crash can repeat an event (same id).
     AtLeastOnce,
-}
-
-/// Durations written as `"250ms"`, `"10s"`, `"2m"` or a number of milliseconds.
-mod duration {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, de::Error};
-
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Written {
-        Millis(u64),
-        Text(String),
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<Duration, D::Error> {
-        match Written::deserialize(deserializer)? {
-            Written::Millis(millis) => Ok(Duration::from_millis(millis)),
-            Written::Text(text) => parse(&text).ok_or_else(|| {
-                D::Error::custom(format!(
-                    "`{text}` is not a duration: write a number with a unit, e.g. \"250ms\", \"10s\", \"2m\", \"24h\""
-                ))
-            }),
-        }
-    }
-
-    pub(crate) fn parse(text: &str) -> Option<Duration> {
-        let text = text.trim();
-        let split = text.find(|c: char| !c.is_ascii_digit())?;
-        let (number, unit) = text.split_at(split);
-        let number: u64 = number.parse().ok()?;
-        match unit.trim() {
-            "ms" => Some(Duration::from_millis(number)),
-            "s" => Some(Duration::from_secs(number)),
-            "m" => Some(Duration::from_secs(number.checked_mul(60)?)),
-            "h" => Some(Duration::from_secs(number.checked_mul(3_600)?)),
-            "d" => Some(Duration::from_secs(number.checked_mul(86_400)?)),
-            _ => None,
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        /// Durations take the units operators write.
-        #[test]
-        fn parses_units() {
-            assert_eq!(parse("250ms"), Some(Duration::from_millis(250)));
-            assert_eq!(parse("10s"), Some(Duration::from_secs(10)));
-            assert_eq!(parse("2m"), Some(Duration::from_secs(120)));
-            assert_eq!(parse("24h"), Some(Duration::from_secs(86_400)));
-            assert_eq!(parse("3d"), Some(Duration::from_secs(259_200)));
-            assert_eq!(parse("10"), None);
-            assert_eq!(parse("1w"), None);
-        }
-    }
 }

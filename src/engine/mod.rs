@@ -20,6 +20,7 @@ pub use gate::{Decision, EntityState, decide};
 pub use output::{OutputKind, OutputRecord, headers as output_headers};
 pub use park::{DlqPolicy, Parked};
 pub use pipeline::{Applied, DecodeOutcome, Pipeline, PipelineSettings};
+pub(crate) use rules::json_to_cel;
 pub use rules::{CompiledRules, PayloadSpec, RuleCompileError, RuleError, RuleInput, RuleSpec};
 pub use unavailable::{DEFAULT_PLACEHOLDER, UnavailablePlaceholder};
 pub use version::{

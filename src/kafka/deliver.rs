@@ -18,7 +18,9 @@ use super::{admin, clients};
 use crate::config::{DeliveryConfig, KafkaConfig, WebhookConfig};
 use crate::runtime::now_ms;
 use crate::webhook::client::{Delivery, WebhookClient};
-use crate::webhook::{Abandoned, Next, Queued, RetryPolicy, Schedule, SigningSecret, next_step};
+use crate::webhook::{
+    Abandoned, EventFilter, Next, Queued, RetryPolicy, Schedule, SigningSecret, next_step,
+};
 
 /// The consumer's context: revoked partitions are handed to the loop, which drops their
 /// events (the partition's new owner delivers them from the committed offset).
@@ -70,6 +72,8 @@ struct Pending {
 pub struct Subscription {
     pub config: WebhookConfig,
     pub secrets: Vec<SigningSecret>,
+    /// The compiled `when`, if any.
+    pub filter: Option<EventFilter>,
     pub metrics: crate::metrics::Metrics,
 }
 
@@ -178,7 +182,27 @@ pub async fn deliver(
         tokio::select! {
             () = &mut shutdown => break,
             received = consumer.recv(), if schedule.has_room() => match received {
-                Ok(message) => take(&mut schedule, &message, &config.event_types),
+                Ok(message) => {
+                    if let Err(refused) = take(&mut schedule, &message, config, subscription.filter.as_ref()) {
+                        // The condition cannot be decided for this event: the DLQ keeps it,
+                        // and the subscription goes on.
+                        let (refused, why) = *refused;
+                        tracing::warn!(id = %refused.item.id, %why, "webhook `when` failed; to the DLQ");
+                        let abandoned = Abandoned {
+                            reason: "filter_error",
+                            attempts: 0,
+                            last_status: None,
+                            last_error: why,
+                        };
+                        dead_letter(&dlq, &dlq_topic, &config.name, &refused, &refused.item, &abandoned).await?;
+                        subscription
+                            .metrics
+                            .webhooks.dlq_records
+                            .with_label_values(&[config.name.as_str(), abandoned.reason])
+                            .inc();
+                        schedule.pass(refused.partition, refused.offset);
+                    }
+                }
                 Err(source) if is_fatal_consumer_error(&source) => {
                     return Err(ServiceError::Kafka {
                         context: "the webhook consumer cannot go on".to_owned(),
@@ -193,10 +217,10 @@ pub async fn deliver(
                 let metrics = &subscription.metrics;
                 let name = config.name.as_str();
                 let outcome = outcome(&result);
-                metrics.webhook_attempts.with_label_values(&[name, outcome]).inc();
-                metrics.webhook_attempt_seconds.with_label_values(&[name]).observe(took.as_secs_f64());
+                metrics.webhooks.attempts.with_label_values(&[name, outcome]).inc();
+                metrics.webhooks.attempt_seconds.with_label_values(&[name]).observe(took.as_secs_f64());
                 metrics
-                    .webhook_endpoint_up
+                    .webhooks.endpoint_up
                     .with_label_values(&[name])
                     .set(i64::from(matches!(outcome, "2xx" | "4xx")));
                 if !schedule.head_is(&event.entity, &event.partition, event.offset) {
@@ -217,7 +241,7 @@ pub async fn deliver(
                         tracing::warn!(id = %item.id, reason = abandoned.reason, attempts = abandoned.attempts, "webhook delivery abandoned; to the DLQ");
                         dead_letter(&dlq, &dlq_topic, &config.name, &event, &item, &abandoned).await?;
                         metrics
-                            .webhook_dlq_records
+                            .webhooks.dlq_records
                             .with_label_values(&[name, abandoned.reason])
                             .inc();
                         schedule.finished(&event.entity);
@@ -229,11 +253,13 @@ pub async fn deliver(
         let name = config.name.as_str();
         let metrics = &subscription.metrics;
         metrics
-            .webhook_queued
+            .webhooks
+            .queued
             .with_label_values(&[name])
             .set(schedule.len() as i64);
         metrics
-            .webhook_retries_pending
+            .webhooks
+            .retries_pending
             .with_label_values(&[name])
             .set(schedule.waiting_retries() as i64);
         if last_commit.elapsed() >= COMMIT_EVERY {
@@ -246,8 +272,14 @@ pub async fn deliver(
     Ok(())
 }
 
-/// Queues a consumed event (one not of the subscription's types is finished at once).
-fn take<M: Message>(schedule: &mut Schedule<Pending>, message: &M, types: &[String]) {
+/// Queues a consumed event; one the subscription does not want is finished at once. An event
+/// its `when` cannot be decided for is handed back with why.
+fn take<M: Message>(
+    schedule: &mut Schedule<Pending>,
+    message: &M,
+    config: &WebhookConfig,
+    filter: Option<&EventFilter>,
+) -> Result<(), Box<(Queued<Pending>, String)>> {
     let header = |name: &str| {
         message.headers().and_then(|headers| {
             headers
@@ -294,11 +326,27 @@ fn take<M: Message>(schedule: &mut Schedule<Pending>, message: &M, types: &[Stri
             first_attempt: None,
         },
     };
-    if types.is_empty() || types.contains(&event_type) {
+    let types = &config.event_types;
+    let wanted = (types.is_empty() || types.contains(&event_type))
+        && match (filter, &structured) {
+            (None, _) => true,
+            (Some(filter), Some(event)) => match filter.matches(event) {
+                Ok(wanted) => wanted,
+                Err(error) => return Err(Box::new((queued, error.to_string()))),
+            },
+            (Some(_), None) => {
+                return Err(Box::new((
+                    queued,
+                    "`when` needs a structured JSON CloudEvent; this value is not JSON".to_owned(),
+                )));
+            }
+        };
+    if wanted {
         schedule.push(queued);
     } else {
         schedule.pass(queued.partition, queued.offset);
     }
+    Ok(())
 }
 
 /// Commits, per partition, the offset up to which every event is finished.

@@ -36,6 +36,7 @@ mod consume;
 mod deliver;
 mod error;
 mod features;
+mod ingress;
 mod produce;
 mod rebalance;
 mod records;
@@ -49,6 +50,7 @@ mod transactional;
 pub use deliver::{Subscription, deliver};
 pub use error::ServiceError;
 pub use features::{ClientLibrary, required_features};
+pub use ingress::{IngressProducer, Written};
 pub use service::{ServiceOptions, run_service};
 
 /// The name of a pipeline's changelog topic: `<group_id>.<pipeline>.changelog`.

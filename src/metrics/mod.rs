@@ -7,6 +7,7 @@
 //! integration tests, and the dashboard and alert rules are checked to name only families
 //! declared here ([`Metrics::family_names`]).
 
+mod edges;
 mod tally;
 
 use std::time::Instant;
@@ -17,6 +18,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry,
 };
 
+pub use edges::{IngressMetrics, WebhookMetrics};
 pub use tally::{PipelineTally, Tally};
 
 /// Latency buckets, in seconds: from a millisecond to ten minutes (a restore or an outage).
@@ -101,17 +103,10 @@ pub struct Metrics {
     pub parked_changes: IntCounterVec,
     pub unparked_changes: IntCounterVec,
     pub build_info: IntGaugeVec,
-    /// Webhook delivery attempts by subscription and outcome: `2xx`, `4xx`, `429`, `5xx`,
-    /// `timeout`, `unreachable`.
-    pub webhook_attempts: IntCounterVec,
-    pub webhook_attempt_seconds: HistogramVec,
-    /// Events of a subscription whose next attempt waits for a retry.
-    pub webhook_retries_pending: IntGaugeVec,
-    /// Events held by a subscription (waiting or in flight).
-    pub webhook_queued: IntGaugeVec,
-    pub webhook_dlq_records: IntCounterVec,
-    /// 1 while the last attempt got an answer other than 5xx or 429, 0 otherwise.
-    pub webhook_endpoint_up: IntGaugeVec,
+    /// Outgoing webhook subscriptions.
+    pub webhooks: WebhookMetrics,
+    /// The webhook ingress.
+    pub ingress: IngressMetrics,
 }
 
 /// Registers families and remembers their names.
@@ -362,40 +357,8 @@ impl Metrics {
                 "Always 1; the labels name the build: version, git commit, compiler.",
                 &["version", "git_sha", "rustc"],
             )?,
-            webhook_attempts: f.counter(
-                "cdcflow_webhook_attempts_total",
-                "Webhook delivery attempts by subscription and outcome: 2xx, 4xx, 429, 5xx, \
-                 timeout, unreachable.",
-                &["subscription", "outcome"],
-            )?,
-            webhook_attempt_seconds: f.add(HistogramVec::new(
-                HistogramOpts::new(
-                    "cdcflow_webhook_attempt_duration_seconds",
-                    "Time of one webhook delivery attempt, answered or not.",
-                )
-                .buckets(LATENCY_BUCKETS.to_vec()),
-                &["subscription"],
-            )?)?,
-            webhook_retries_pending: f.gauge(
-                "cdcflow_webhook_retries_pending",
-                "Events of a subscription waiting for a retry.",
-                &["subscription"],
-            )?,
-            webhook_queued: f.gauge(
-                "cdcflow_webhook_queued_events",
-                "Events a subscription holds, waiting or in flight.",
-                &["subscription"],
-            )?,
-            webhook_dlq_records: f.counter(
-                "cdcflow_webhook_dlq_records_total",
-                "Events a subscription gave up on and wrote to its DLQ topic, by reason.",
-                &["subscription", "reason"],
-            )?,
-            webhook_endpoint_up: f.gauge(
-                "cdcflow_webhook_endpoint_up",
-                "1 while the last attempt got an answer other than 5xx or 429, 0 otherwise.",
-                &["subscription"],
-            )?,
+            webhooks: WebhookMetrics::register(f)?,
+            ingress: IngressMetrics::register(f)?,
             registry: families.registry.clone(),
             names: Vec::new(),
         };

@@ -23,7 +23,8 @@ use cel::{Context, Env, Program, Value as CelValue};
 use serde_json::{Map, Value};
 use thiserror::Error;
 
-use convert::{Conversion, changed_fields, json_to_cel};
+pub(crate) use convert::json_to_cel;
+use convert::{Conversion, changed_fields};
 use native::{Native, Scope};
 use references::{References, Use};
 
