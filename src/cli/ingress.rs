@@ -71,7 +71,7 @@ pub(crate) async fn spawn(
     tracing::info!(
         backend = store.backend(),
         routes = settings.routes.len(),
-        "ingress serving http://{address}"
+        "ingress listening on http://{address}"
     );
     let expiry = tokio::spawn(expire_ids(
         store,

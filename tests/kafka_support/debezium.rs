@@ -64,8 +64,26 @@ pub fn psql(database: &str, sql: &str) -> String {
     )
 }
 
+/// A fresh, empty PostgreSQL database owned by the application user; its URL.
+pub fn empty_postgres_database(name: &str) -> String {
+    create_postgres_database(name);
+    let url = script("postgres.sh", &["url"], &[], "");
+    let (server, _) = url
+        .trim()
+        .rsplit_once('/')
+        .expect("the URL names a database");
+    format!("{server}/{name}")
+}
+
 /// A fresh PostgreSQL database with the example schema and its seed rows.
 pub fn postgres_database(name: &str) {
+    create_postgres_database(name);
+    let schema =
+        std::fs::read_to_string(root().join("deploy/local/sql/postgres-shop.sql")).unwrap();
+    psql(name, &schema);
+}
+
+fn create_postgres_database(name: &str) {
     script(
         "postgres.sh",
         &[
@@ -79,9 +97,6 @@ pub fn postgres_database(name: &str) {
         &[],
         "",
     );
-    let schema =
-        std::fs::read_to_string(root().join("deploy/local/sql/postgres-shop.sql")).unwrap();
-    psql(name, &schema);
 }
 
 /// Runs SQL in MariaDB database `database` (as root, the server's admin).
