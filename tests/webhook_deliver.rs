@@ -50,13 +50,31 @@ fn now_s() -> i64 {
 }
 
 /// `/flaky`: the first attempt at every third event is a 500, at every fifth a 429 with
-/// Retry-After 1; the rest are accepted. `/down`: always 503.
+/// Retry-After 1, at every seventh an answer slower than the subscription's timeout; the rest
+/// are accepted. `/down`: always 503.
 async fn hook(
     State(shared): State<Shared>,
     UrlPath(mode): UrlPath<String>,
     headers: HeaderMap,
     body: Bytes,
-) -> impl IntoResponse {
+) -> axum::response::Response {
+    match reply(&shared, &mode, &headers, &body) {
+        Some(response) => response,
+        None => {
+            tokio::time::sleep(Duration::from_millis(1_500)).await;
+            StatusCode::NO_CONTENT.into_response()
+        }
+    }
+}
+
+/// The receiver's answer to one attempt; `None` for one sent only after the subscription's
+/// timeout.
+fn reply(
+    shared: &Shared,
+    mode: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Option<axum::response::Response> {
     let header = |name: &str| {
         headers
             .get(name)
@@ -68,22 +86,24 @@ async fn hook(
         header("webhook-id").as_deref(),
         header("webhook-timestamp").as_deref(),
         header("webhook-signature").as_deref(),
-        &body,
+        body,
         now_s(),
         300,
     );
     let mut receiver = shared.lock().unwrap();
     if verified.is_err() {
         receiver.bad_signatures += 1;
-        return (
-            StatusCode::UNAUTHORIZED,
-            [("retry-after", "")],
-            "bad signature",
-        )
-            .into_response();
+        return Some(
+            (
+                StatusCode::UNAUTHORIZED,
+                [("retry-after", "")],
+                "bad signature",
+            )
+                .into_response(),
+        );
     }
     let id = header("webhook-id").unwrap();
-    let event: Value = serde_json::from_slice(&body).unwrap();
+    let event: Value = serde_json::from_slice(body).unwrap();
     let seq = event["data"]["seq"].as_u64().unwrap();
     let attempt = {
         let count = receiver.attempts.entry(id.clone()).or_default();
@@ -91,33 +111,40 @@ async fn hook(
         *count
     };
     if mode == "down" {
-        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+        return Some(StatusCode::SERVICE_UNAVAILABLE.into_response());
     }
     if attempt == 1 && seq.is_multiple_of(3) {
-        return (StatusCode::INTERNAL_SERVER_ERROR, "try again").into_response();
+        return Some((StatusCode::INTERNAL_SERVER_ERROR, "try again").into_response());
+    }
+    if attempt == 1 && seq.is_multiple_of(7) {
+        return None;
     }
     if attempt == 1 && seq.is_multiple_of(5) {
-        return (
-            StatusCode::TOO_MANY_REQUESTS,
-            [("retry-after", "1")],
-            "slow down",
-        )
-            .into_response();
+        return Some(
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("retry-after", "1")],
+                "slow down",
+            )
+                .into_response(),
+        );
     }
     receiver.accepted.push(Accepted {
         id,
         entity: event["data"]["entity"].as_str().unwrap().to_owned(),
         seq,
     });
-    StatusCode::NO_CONTENT.into_response()
+    Some(StatusCode::NO_CONTENT.into_response())
 }
 
-/// Starts the receiver on its own thread; returns its base URL.
-fn start_receiver(shared: Shared) -> String {
-    let (ready, address) = std::sync::mpsc::channel();
+/// Starts the receiver on its own thread, on `address` (`127.0.0.1:0` picks a port); returns
+/// its base URL.
+fn start_receiver_on(shared: Shared, address: &str) -> String {
+    let (ready, bound) = std::sync::mpsc::channel();
+    let address = address.to_owned();
     std::thread::spawn(move || {
         runtime().block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let listener = tokio::net::TcpListener::bind(&address).await.unwrap();
             ready.send(listener.local_addr().unwrap()).unwrap();
             let router = Router::new()
                 .route("/{mode}", post(hook))
@@ -125,7 +152,11 @@ fn start_receiver(shared: Shared) -> String {
             axum::serve(listener, router).await.unwrap();
         });
     });
-    format!("http://{}", address.recv().unwrap())
+    format!("http://{}", bound.recv().unwrap())
+}
+
+fn start_receiver(shared: Shared) -> String {
+    start_receiver_on(shared, "127.0.0.1:0")
 }
 
 /// Events `seq` 1..=per_entity of each of `entities`, interleaved, keyed by entity.
@@ -166,7 +197,7 @@ name = "receiver"
 topics = ["{prefix}events"]
 url = "{url}"
 secrets = ["{SECRET}"]
-timeout = "2s"
+timeout = "1s"
 initial_backoff = "100ms"
 max_backoff = "1s"
 max_attempts = 1000
@@ -206,6 +237,15 @@ fn http_get(address: &str, path: &str) -> String {
         .unwrap_or_default()
 }
 
+/// The `/metrics` text of the `cdcflow deliver` that logs to `log` (empty before it serves).
+fn metrics_of(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.split("serving http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .map_or_else(String::new, |address| http_get(address, "/metrics"))
+}
+
 /// Per entity, the sequence numbers of its first acceptances, in arrival order.
 fn first_acceptances(accepted: &[Accepted]) -> BTreeMap<String, Vec<u64>> {
     let mut seen = BTreeSet::new();
@@ -229,23 +269,45 @@ fn assert_in_order(per_entity: &BTreeMap<String, Vec<u64>>) {
     }
 }
 
-/// A flaky receiver (500s and 429s on first attempts) gets every event exactly once, in order
-/// per entity, every signature valid; a kill -9 in the middle and a restart lose nothing
-/// (redeliveries carry the same webhook-id).
+/// A receiver that refuses connections for a while, then fails on purpose (500s, 429s, answers
+/// past the timeout on first attempts) gets every event, in order per entity, every
+/// signature valid; a kill -9 in the middle and a restart lose nothing (redeliveries carry
+/// the same webhook-id).
 #[test]
 fn every_event_arrives_in_order_across_failures_and_kill_9() {
     let prefix = format!("{}.", unique("deliver"));
     create_topics(&[(&format!("{prefix}events"), 3)]);
     let shared = Shared::default();
-    let base = start_receiver(Arc::clone(&shared));
+    // The receiver's port, closed until the receiver starts: connections are refused first.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = port.local_addr().unwrap().to_string();
+    drop(port);
     let dir = tempfile::tempdir().unwrap();
-    let config = config(dir.path(), &prefix, &format!("{base}/flaky"), "1h");
+    let config = config(
+        dir.path(),
+        &prefix,
+        &format!("http://{address}/flaky"),
+        "1h",
+    );
     let all = events(&format!("{prefix}events"), 20, 30);
     produce(&all[..300]);
     let mut first = start_deliver(&config, &dir.path().join("first.log"));
+    let log = dir.path().join("first.log");
+    wait_until("refused connections", Duration::from_secs(60), || {
+        metrics_of(&log).contains(
+            r#"cdcflow_webhook_attempts_total{outcome="unreachable",subscription="receiver"}"#,
+        ) && !metrics_of(&log).contains(r#"outcome="unreachable",subscription="receiver"} 0"#)
+    });
+    start_receiver_on(Arc::clone(&shared), &address);
     wait_until("some deliveries", Duration::from_secs(60), || {
         shared.lock().unwrap().accepted.len() >= 100
     });
+    let metrics = metrics_of(&log);
+    assert!(
+        !metrics.contains(r#"outcome="timeout",subscription="receiver"} 0"#)
+            && metrics.contains(r#"outcome="timeout",subscription="receiver"}"#),
+        "{metrics}"
+    );
     first.kill().unwrap();
     let _ = first.wait();
     produce(&all[300..]);
@@ -308,14 +370,7 @@ fn an_endpoint_down_past_max_age_dead_letters_its_events() {
         &format!("{prefix}events"),
         Duration::from_secs(60),
     );
-    let log = std::fs::read_to_string(dir.path().join("deliver.log")).unwrap();
-    let address = log
-        .split("serving http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .unwrap_or_else(|| panic!("no HTTP address in the log: {log}"))
-        .to_owned();
-    let metrics = http_get(&address, "/metrics");
+    let metrics = metrics_of(&dir.path().join("deliver.log"));
     let dead_lettered = format!(
         r#"cdcflow_webhook_dlq_records_total{{reason="max_age_exceeded",subscription="receiver"}} {}"#,
         all.len()
