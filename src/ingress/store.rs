@@ -17,6 +17,9 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use thiserror::Error;
+use tokio::sync::{mpsc, oneshot};
+
+use super::batch::{self, AnswerRow, ClaimRow};
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -31,6 +34,8 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
+    #[error("the request-id database failed ({what}): {message}")]
+    Batch { what: &'static str, message: String },
     #[error("the request-id database failed ({what}): {source}")]
     Query {
         what: &'static str,
@@ -62,7 +67,7 @@ pub enum Claim {
 }
 
 #[derive(Debug, Clone)]
-enum Pool {
+pub(super) enum Pool {
     Sqlite(SqlitePool),
     Postgres(PgPool),
 }
@@ -70,6 +75,9 @@ enum Pool {
 #[derive(Debug, Clone)]
 pub struct RequestStore {
     pool: Pool,
+    /// The group-commit writers of claims and answers ([`super::batch`]).
+    claims: mpsc::Sender<ClaimRow>,
+    answers: mpsc::Sender<AnswerRow>,
 }
 
 const CREATE: &str = "CREATE TABLE IF NOT EXISTS cdcflow_ingress_requests (
@@ -81,12 +89,6 @@ const CREATE: &str = "CREATE TABLE IF NOT EXISTS cdcflow_ingress_requests (
     answer TEXT,
     PRIMARY KEY (route, request_id)
 )";
-const CLAIM: Sql = Sql {
-    postgres: "INSERT INTO cdcflow_ingress_requests (route, request_id, fingerprint, claimed_at)
-    VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-    sqlite: "INSERT INTO cdcflow_ingress_requests (route, request_id, fingerprint, claimed_at)
-    VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
-};
 const LOOK: Sql = Sql {
     postgres: "SELECT fingerprint, claimed_at, status, answer FROM cdcflow_ingress_requests
     WHERE route = $1 AND request_id = $2",
@@ -98,12 +100,6 @@ const TAKE_OVER: Sql = Sql {
     WHERE route = $1 AND request_id = $2 AND status IS NULL AND claimed_at = $5",
     sqlite: "UPDATE cdcflow_ingress_requests SET claimed_at = ?3, fingerprint = ?4
     WHERE route = ?1 AND request_id = ?2 AND status IS NULL AND claimed_at = ?5",
-};
-const FINISH: Sql = Sql {
-    postgres: "UPDATE cdcflow_ingress_requests SET status = $3, answer = $4
-    WHERE route = $1 AND request_id = $2",
-    sqlite: "UPDATE cdcflow_ingress_requests SET status = ?3, answer = ?4
-    WHERE route = ?1 AND request_id = ?2",
 };
 const RELEASE: Sql = Sql {
     postgres: "DELETE FROM cdcflow_ingress_requests
@@ -121,6 +117,13 @@ const EXPIRE: Sql = Sql {
 struct Sql {
     postgres: &'static str,
     sqlite: &'static str,
+}
+
+fn writer_gone(what: &'static str) -> StoreError {
+    StoreError::Batch {
+        what,
+        message: "the store's writer stopped".to_owned(),
+    }
 }
 
 fn query_error(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -170,7 +173,12 @@ impl RequestStore {
                 url: url.to_owned(),
             });
         };
-        let store = RequestStore { pool };
+        let (claims, answers) = batch::start(pool.clone());
+        let store = RequestStore {
+            pool,
+            claims,
+            answers,
+        };
         let create = Sql {
             postgres: CREATE,
             sqlite: CREATE,
@@ -267,19 +275,19 @@ impl RequestStore {
     ) -> Result<Claim, StoreError> {
         // A claim released between the insert and the look-up is claimed again.
         for _ in 0..3 {
-            let inserted = self
-                .execute(
-                    CLAIM,
-                    &[
-                        Parameter::Text(route),
-                        Parameter::Text(request_id),
-                        Parameter::Text(fingerprint),
-                        Parameter::Int(now_ms),
-                    ],
-                    "claim",
-                )
-                .await?;
-            if inserted == 1 {
+            let (reply, owned) = oneshot::channel();
+            self.claims
+                .send(ClaimRow {
+                    route: route.to_owned(),
+                    request_id: request_id.to_owned(),
+                    fingerprint: fingerprint.to_owned(),
+                    claimed_at: now_ms,
+                    reply,
+                })
+                .await
+                .map_err(|_| writer_gone("claim"))?;
+            let inserted = owned.await.map_err(|_| writer_gone("claim"))??;
+            if inserted {
                 return Ok(Claim::Owned);
             }
             let Some(found) = self.look(route, request_id).await? else {
@@ -320,25 +328,49 @@ impl RequestStore {
         })
     }
 
-    /// Stores the answer of an owned claim.
+    /// Stores the answer of an owned claim, and waits until it is stored.
     pub async fn finish(
         &self,
         route: &str,
         request_id: &str,
         answer: &StoredAnswer,
     ) -> Result<(), StoreError> {
-        self.execute(
-            FINISH,
-            &[
-                Parameter::Text(route),
-                Parameter::Text(request_id),
-                Parameter::Int(i64::from(answer.status)),
-                Parameter::Text(&answer.body),
-            ],
-            "store the answer",
-        )
-        .await
-        .map(drop)
+        let (reply, stored) = oneshot::channel();
+        self.queue_answer(route, request_id, answer, Some(reply))
+            .await?;
+        stored.await.map_err(|_| writer_gone("store the answer"))?
+    }
+
+    /// Queues the answer of an owned claim for the next group commit, without waiting for
+    /// it: the push's record is in Kafka already. Until it is stored a copy waits for it as
+    /// for a claim in progress; if the process dies first, the claim goes stale and a later
+    /// copy is written again (the pipeline's version gate drops it).
+    pub async fn finish_later(
+        &self,
+        route: &str,
+        request_id: &str,
+        answer: &StoredAnswer,
+    ) -> Result<(), StoreError> {
+        self.queue_answer(route, request_id, answer, None).await
+    }
+
+    async fn queue_answer(
+        &self,
+        route: &str,
+        request_id: &str,
+        answer: &StoredAnswer,
+        reply: Option<oneshot::Sender<Result<(), StoreError>>>,
+    ) -> Result<(), StoreError> {
+        self.answers
+            .send(AnswerRow {
+                route: route.to_owned(),
+                request_id: request_id.to_owned(),
+                status: answer.status,
+                body: answer.body.clone(),
+                reply,
+            })
+            .await
+            .map_err(|_| writer_gone("store the answer"))
     }
 
     /// Gives up an owned claim whose write failed.

@@ -5,12 +5,13 @@ The shell script runs the external tools (check-jsonschema, hadolint, promtool);
 the checks they cannot do: pinned images, the Compose start order and config (checks_compose.py),
 the Dockerfile against the README (checks_docker.py), the Kubernetes schemas, what the manifests
 promise each other and the alert rules (checks_k8s.py), the Grafana dashboard and the metric
-names the dashboard and the alerts use against src/metrics/mod.rs (checks_metrics.py), with
-shared readers in deploy_files.py. One subcommand per check line. A check prints one line of
-detail and exits 0, or prints `FILE: PROBLEM` lines and exits 1. Runs in the tools venv (PyYAML,
-jsonschema, kubernetes-validate); Python 3.11+ for tomllib.
+names the dashboard and the alerts use against src/metrics/ (checks_metrics.py), the example
+configs against the config schema (checks_config.py), with shared readers in deploy_files.py.
+One subcommand per check line. A check prints one line of detail and exits 0, or prints
+`FILE: PROBLEM` lines and exits 1. Runs in the tools venv (PyYAML, jsonschema,
+kubernetes-validate); Python 3.11+ for tomllib.
 
-    check_deploy.py ROOT images|compose|compose-versions|dockerfile|k8s-schema|k8s|metrics
+    check_deploy.py ROOT images|compose|compose-versions|dockerfile|k8s-schema|k8s|metrics|config-examples
     check_deploy.py ROOT rules|dashboard OUTDIR
 """
 
@@ -25,6 +26,7 @@ from typing import Callable
 import yaml
 
 from checks_compose import check_compose, check_compose_versions, check_images
+from checks_config import check_config_examples
 from checks_docker import check_dockerfile
 from checks_k8s import check_k8s, check_k8s_schema, check_rules
 from checks_metrics import check_dashboard, check_metric_names
@@ -44,6 +46,7 @@ def main() -> None:
         "rules": lambda: check_rules(root, Path(sys.argv[3])),
         "dashboard": lambda: check_dashboard(root, Path(sys.argv[3])),
         "metrics": lambda: check_metric_names(root),
+        "config-examples": lambda: check_config_examples(root),
     }
     if check not in checks:
         sys.exit(f"unknown check {check}; one of {', '.join(checks)}")

@@ -1,5 +1,5 @@
 """The Grafana dashboard, and the metric names the dashboard and the alert rules use against the
-families cdcflow declares in src/metrics/mod.rs."""
+families cdcflow declares in src/metrics/ (mod.rs, edges.rs)."""
 
 from __future__ import annotations
 
@@ -151,8 +151,8 @@ def check_dashboard(root: Path, outdir: Path) -> None:
 
 def check_metric_names(root: Path) -> None:
     """Every cdcflow_ name in the dashboard's queries and descriptions and in the alert rules
-    (expressions and annotations, both files) is a family declared in src/metrics/mod.rs, or a histogram's
-    _bucket/_sum/_count series of one."""
+    (expressions and annotations, both files) is a family declared in src/metrics/*.rs, or a
+    histogram's _bucket/_sum/_count series of one."""
     problems = Problems()
     declared = declared_metric_families(root)
     if not declared:

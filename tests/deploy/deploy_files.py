@@ -23,11 +23,13 @@ K8S_DIR = "deploy/k8s"
 ALERTS = "deploy/prometheus/cdcflow-alerts.yml"
 ALERTS_TEST = "tests/deploy/alerts.test.yml"
 DASHBOARD = "deploy/grafana/cdcflow.json"
-# Where cdcflow declares every metric family, each name a string literal.
-METRICS_SOURCE = "src/metrics/mod.rs"
+# Where cdcflow declares every metric family, each name a string literal: the files of this
+# directory (mod.rs, and edges.rs for the webhook and ingress families).
+METRICS_SOURCE = "src/metrics/"
 PROMETHEUS_CONFIG = "deploy/prometheus/prometheus.yml"
 CONFIG_SCHEMA = "schemas/config.schema.json"
 SHOP_CONFIG = "examples/shop.toml"
+EXAMPLES_DIR = "examples"
 README = "README.md"
 CRD_SCHEMAS = "tests/deploy/crd-schemas"
 # The compose copy of the Postgres connector and the local stack's original.
@@ -80,8 +82,12 @@ class Problems:
 
 
 def declared_metric_families(root: Path) -> set[str]:
-    """The families of src/metrics/mod.rs: every string literal that is a whole cdcflow_ name."""
-    return set(re.findall(r'"(cdcflow_[a-z0-9_]+)"', (root / METRICS_SOURCE).read_text()))
+    """The families of src/metrics/*.rs: every string literal that is a whole cdcflow_ name."""
+    return {
+        name
+        for path in sorted((root / METRICS_SOURCE).glob("*.rs"))
+        for name in re.findall(r'"(cdcflow_[a-z0-9_]+)"', path.read_text())
+    }
 
 
 def metric_names(text: str) -> set[str]:
@@ -149,14 +155,14 @@ def pin_problem(ref: str) -> str | None:
 
 
 def duration_seconds(value: Any) -> float | None:
-    """cdcflow's durations: "250ms", "10s", "2m", or a number of milliseconds."""
+    """cdcflow's durations: "250ms", "10s", "2m", "24h", "3d", or a number of milliseconds."""
     if isinstance(value, int):
         return value / 1000
-    match = re.fullmatch(r"\s*(\d+)\s*(ms|s|m)\s*", str(value))
+    match = re.fullmatch(r"\s*(\d+)\s*(ms|s|m|h|d)\s*", str(value))
     if not match:
         return None
     number, unit = int(match[1]), match[2]
-    return {"ms": number / 1000, "s": float(number), "m": number * 60.0}[unit]
+    return {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}[unit] * number
 
 
 def compose_duration_seconds(value: Any) -> float | None:
