@@ -214,6 +214,20 @@ fn small_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// A database URL with its password hidden.
+fn redact_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
 /// `cdcflow --version`: the build, and what its librdkafka can do (TLS, SASL, codecs).
 fn long_version() -> String {
     let library = ClientLibrary::linked();
@@ -229,13 +243,24 @@ fn long_version() -> String {
 
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
-    config.require_pipelines()?;
     let pipelines = config.build_pipelines()?;
     ClientLibrary::linked().check(&config.kafka)?;
+    // Secrets are read (inline and from the environment) as `run` reads them.
+    let metrics = metrics::Metrics::new().context("cannot register the metrics")?;
+    let subscriptions = cli::deliver::subscriptions(&config, None, &metrics)?;
+    if let Some(ingress) = &config.ingress {
+        cli::deliver::signing_secrets("ingress", &ingress.secrets, ingress.secrets_env.as_deref())?;
+    }
     println!(
-        "config `{}` is valid: {} pipeline(s)",
+        "config `{}` is valid: {} pipeline(s), {} webhook subscription(s), {}",
         path.display(),
-        pipelines.len()
+        pipelines.len(),
+        subscriptions.len(),
+        if config.ingress.is_some() {
+            "an ingress"
+        } else {
+            "no ingress"
+        }
     );
     println!(
         "kafka: {} ({})",
@@ -262,6 +287,34 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
             );
             println!("    when:    {}", rule.when);
             println!("    payload: {:?}", rule.payload);
+        }
+    }
+    for subscription in &subscriptions {
+        let webhook = &subscription.config;
+        println!("\nwebhook `{}`", webhook.name);
+        println!("  topics:   {:?}", webhook.topics);
+        println!("  url:      {}", webhook.url);
+        println!("  group:    {}", webhook.group_id(&config.kafka.group_id));
+        println!("  secrets:  {}", subscription.secrets.len());
+        if !webhook.event_types.is_empty() {
+            println!("  types:    {:?}", webhook.event_types);
+        }
+        if let Some(when) = &webhook.when {
+            println!("  when:     {when}");
+        }
+        println!("  dlq:      {}", webhook.dlq_topic());
+    }
+    if let Some(ingress) = &config.ingress {
+        println!("\ningress on {}", ingress.listen);
+        println!(
+            "  database: {}",
+            redact_password(&ingress.database_url(&config.state.path))
+        );
+        for route in &ingress.routes {
+            println!(
+                "  route {} -> {} keyed by {:?}",
+                route.path, route.topic, route.key
+            );
         }
     }
     Ok(())

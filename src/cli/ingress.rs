@@ -68,6 +68,25 @@ pub(crate) async fn spawn(
         wait_for_owner,
         stale_after: wait_for_owner * 2,
     });
+    // Series exist at 0 from the start, so an alert's `increase()` sees the first one.
+    let counters = &metrics.ingress;
+    for route in &settings.routes {
+        let path = route.path.as_str();
+        counters.duplicates.with_label_values(&[path]).reset();
+        for status in ["202", "400", "401", "409", "413", "422", "503"] {
+            counters.requests.with_label_values(&[path, status]).reset();
+        }
+        for reason in [
+            "unauthorized",
+            "too_large",
+            "malformed",
+            "request_id",
+            "key",
+            "reused_id",
+        ] {
+            counters.refused.with_label_values(&[path, reason]).reset();
+        }
+    }
     tracing::info!(
         backend = store.backend(),
         routes = settings.routes.len(),

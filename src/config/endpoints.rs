@@ -37,7 +37,8 @@ pub struct WebhookConfig {
     /// One attempt's limit, connecting and answering. Default 10 s.
     #[serde(default = "default_webhook_timeout", with = "super::duration")]
     pub timeout: Duration,
-    /// Attempts in all before the DLQ. Default 10.
+    /// Attempts in all before the DLQ. Default 160: with the default backoff that lasts past
+    /// `max_age`, so an endpoint that is down is retried for a day.
     #[serde(default = "default_webhook_max_attempts")]
     pub max_attempts: u32,
     /// From the first attempt, how long an event may take before the DLQ. Default 24 h.
@@ -77,7 +78,7 @@ fn default_webhook_timeout() -> Duration {
     Duration::from_secs(10)
 }
 fn default_webhook_max_attempts() -> u32 {
-    10
+    160
 }
 fn default_webhook_max_age() -> Duration {
     Duration::from_secs(24 * 3600)
@@ -262,6 +263,9 @@ pub(super) fn validate_ingress(ingress: &IngressConfig) -> Result<(), ConfigErro
              secrets, or allow_unsigned = true behind a gateway that authenticates them",
         ));
     }
+    if ingress.pool_size == 0 {
+        return Err(invalid("ingress.pool_size", "must be at least 1"));
+    }
     if ingress.max_body_bytes == 0 {
         return Err(invalid("ingress.max_body_bytes", "must be at least 1"));
     }
@@ -306,6 +310,20 @@ pub(super) fn validate_ingress(ingress: &IngressConfig) -> Result<(), ConfigErro
                 at("key"),
                 "name the body's fields that identify the entity, e.g. key = [\"id\"]",
             ));
+        }
+        // The key object names each field by its last segment: two alike would collide.
+        let mut names = std::collections::HashSet::new();
+        for field in &route.key {
+            let name = field.rsplit('.').next().unwrap_or(field);
+            if !names.insert(name) {
+                return Err(invalid(
+                    at("key"),
+                    format!(
+                        "two key fields end in `{name}`; the Kafka key names each field by its \
+                         last segment, so they must differ"
+                    ),
+                ));
+            }
         }
     }
     Ok(())

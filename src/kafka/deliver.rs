@@ -19,7 +19,8 @@ use crate::config::{DeliveryConfig, KafkaConfig, WebhookConfig};
 use crate::runtime::now_ms;
 use crate::webhook::client::{Delivery, WebhookClient};
 use crate::webhook::{
-    Abandoned, EventFilter, Next, Queued, RetryPolicy, Schedule, SigningSecret, next_step,
+    Abandoned, EventFilter, Next, Queued, RecordEvent, RetryPolicy, Schedule, SigningSecret,
+    next_step, record_event,
 };
 
 /// The consumer's context: revoked partitions are handed to the loop, which drops their
@@ -52,6 +53,9 @@ impl rdkafka::consumer::ConsumerContext for DeliverContext {
     }
 }
 
+/// The media type of a structured CloudEvent.
+const STRUCTURED: &str = "application/cloudevents+json";
+
 /// How often delivered progress is committed.
 const COMMIT_EVERY: Duration = Duration::from_secs(1);
 
@@ -83,6 +87,7 @@ fn outcome(result: &crate::webhook::AttemptResult) -> &'static str {
     match result {
         AttemptResult::Answered { status, .. } => match status {
             200..=299 => "2xx",
+            300..=399 => "3xx",
             429 => "429",
             500..=599 => "5xx",
             _ => "4xx",
@@ -90,6 +95,13 @@ fn outcome(result: &crate::webhook::AttemptResult) -> &'static str {
         AttemptResult::TimedOut => "timeout",
         AttemptResult::Unreachable(_) => "unreachable",
     }
+}
+
+/// Whether an attempt's result shows the endpoint up: it answered, and not with a status that
+/// says it is overloaded or failing (5xx, 429, 408).
+fn endpoint_answers(result: &crate::webhook::AttemptResult) -> bool {
+    use crate::webhook::AttemptResult;
+    matches!(result, AttemptResult::Answered { status, .. } if !matches!(status, 408 | 429 | 500..=599))
 }
 
 /// Runs one subscription until `shutdown` completes; commits what was delivered first.
@@ -101,7 +113,11 @@ pub async fn deliver(
     let config = &subscription.config;
     let group = config.group_id(&kafka.group_id);
     let mut consumer_config = clients::group_consumer(kafka);
-    consumer_config.set("group.id", &group);
+    // Inside `cdcflow run` the pipelines create their event topics as the subscription
+    // starts: a topic missing at the first metadata request is found at the next refresh.
+    consumer_config
+        .set("group.id", &group)
+        .set("topic.metadata.refresh.interval.ms", "10000");
     let consumer: StreamConsumer<DeliverContext> = consumer_config
         .create_with_context(DeliverContext::default())
         .map_err(kafka_error("cannot create the webhook consumer"))?;
@@ -138,6 +154,25 @@ pub async fn deliver(
     .map_err(|error| {
         ServiceError::Webhook(format!("creating the DLQ topic panicked: {error}"))
     })??;
+    // Outcome series exist at 0 from the start, so an alert's `increase()` sees the first one.
+    let webhooks = &subscription.metrics.webhooks;
+    for outcome in ["2xx", "3xx", "4xx", "429", "5xx", "timeout", "unreachable"] {
+        webhooks
+            .attempts
+            .with_label_values(&[config.name.as_str(), outcome])
+            .reset();
+    }
+    for reason in [
+        "rejected",
+        "attempts_exhausted",
+        "max_age_exceeded",
+        "filter_error",
+    ] {
+        webhooks
+            .dlq_records
+            .with_label_values(&[config.name.as_str(), reason])
+            .reset();
+    }
     tracing::info!(subscription = %config.name, %group, url = %config.url, "webhook delivery started");
 
     let mut schedule: Schedule<Pending> = Schedule::new(config.max_in_flight, config.max_queued);
@@ -222,7 +257,7 @@ pub async fn deliver(
                 metrics
                     .webhooks.endpoint_up
                     .with_label_values(&[name])
-                    .set(i64::from(matches!(outcome, "2xx" | "4xx")));
+                    .set(i64::from(endpoint_answers(&result)));
                 if !schedule.head_is(&event.entity, &event.partition, event.offset) {
                     // Its partition was revoked while the attempt ran.
                     continue;
@@ -263,11 +298,12 @@ pub async fn deliver(
             .with_label_values(&[name])
             .set(schedule.waiting_retries() as i64);
         if last_commit.elapsed() >= COMMIT_EVERY {
-            commit(&consumer, &schedule, &mut committed)?;
+            commit(&consumer, &schedule, &mut committed, CommitMode::Async)?;
             last_commit = Instant::now();
         }
     }
-    commit(&consumer, &schedule, &mut committed)?;
+    // The last commit completes before the consumer leaves the group.
+    commit(&consumer, &schedule, &mut committed, CommitMode::Sync)?;
     tracing::info!(subscription = %config.name, "webhook delivery stopped");
     Ok(())
 }
@@ -289,15 +325,37 @@ fn take<M: Message>(
                 .map(|value| String::from_utf8_lossy(value).into_owned())
         })
     };
-    let body = message.payload().unwrap_or_default().to_vec();
-    let structured: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+    let record_headers: Vec<(&str, &[u8])> = message.headers().map_or_else(Vec::new, |headers| {
+        headers
+            .iter()
+            .filter_map(|header| header.value.map(|value| (header.key, value)))
+            .collect()
+    });
+    let payload = message.payload().unwrap_or_default();
+    // The receiver always gets the structured CloudEvent, also from binary-mode topics.
+    let (structured, body, content_type) = match record_event(payload, &record_headers) {
+        RecordEvent::Structured(event) => (
+            Some(event),
+            payload.to_vec(),
+            header("content-type").unwrap_or_else(|| STRUCTURED.to_owned()),
+        ),
+        RecordEvent::Rebuilt(event) => (
+            Some(event.clone()),
+            event.to_string().into_bytes(),
+            STRUCTURED.to_owned(),
+        ),
+        RecordEvent::Opaque => (
+            None,
+            payload.to_vec(),
+            header("content-type").unwrap_or_else(|| STRUCTURED.to_owned()),
+        ),
+    };
     let attribute = |name: &str| {
         structured
             .as_ref()
             .and_then(|event| event.get(name))
             .and_then(|value| value.as_str())
             .map(str::to_owned)
-            .or_else(|| header(&format!("ce_{name}")))
     };
     let id = attribute("id").unwrap_or_else(|| {
         format!(
@@ -319,8 +377,7 @@ fn take<M: Message>(
         item: Pending {
             id,
             body,
-            content_type: header("content-type")
-                .unwrap_or_else(|| "application/cloudevents+json".to_owned()),
+            content_type,
             key: message.key().map(<[u8]>::to_vec),
             attempts: 0,
             first_attempt: None,
@@ -337,7 +394,8 @@ fn take<M: Message>(
             (Some(_), None) => {
                 return Err(Box::new((
                     queued,
-                    "`when` needs a structured JSON CloudEvent; this value is not JSON".to_owned(),
+                    "`when` needs a CloudEvent: this value is not JSON and has no `ce_` headers"
+                        .to_owned(),
                 )));
             }
         };
@@ -354,6 +412,7 @@ fn commit(
     consumer: &StreamConsumer<DeliverContext>,
     schedule: &Schedule<Pending>,
     committed: &mut HashMap<(String, i32), i64>,
+    mode: CommitMode,
 ) -> Result<(), ServiceError> {
     let mut list = TopicPartitionList::new();
     for ((topic, partition), offset) in schedule.committable() {
@@ -366,7 +425,7 @@ fn commit(
     }
     if list.count() > 0 {
         consumer
-            .commit(&list, CommitMode::Async)
+            .commit(&list, mode)
             .map_err(kafka_error("cannot commit the delivered offsets"))?;
     }
     Ok(())

@@ -7,7 +7,8 @@ use super::{Families, LATENCY_BUCKETS};
 /// Per subscription (`[[webhook]]` name).
 #[derive(Debug, Clone)]
 pub struct WebhookMetrics {
-    /// Delivery attempts by outcome: `2xx`, `4xx`, `429`, `5xx`, `timeout`, `unreachable`.
+    /// Delivery attempts by outcome: `2xx`, `3xx`, `4xx`, `429`, `5xx`, `timeout`,
+    /// `unreachable`.
     pub attempts: IntCounterVec,
     pub attempt_seconds: HistogramVec,
     /// Events whose next attempt waits for a retry.
@@ -15,7 +16,8 @@ pub struct WebhookMetrics {
     /// Events held (waiting or in flight).
     pub queued: IntGaugeVec,
     pub dlq_records: IntCounterVec,
-    /// 1 while the last attempt got an answer other than 5xx or 429, 0 otherwise.
+    /// 1 while the last attempt got an answer other than 5xx, 429 or 408; 0 after such an
+    /// answer, a timeout or a failed connection.
     pub endpoint_up: IntGaugeVec,
 }
 
@@ -24,8 +26,8 @@ impl WebhookMetrics {
         Ok(WebhookMetrics {
             attempts: f.counter(
                 "cdcflow_webhook_attempts_total",
-                "Webhook delivery attempts by subscription and outcome: 2xx, 4xx, 429, 5xx, \
-                 timeout, unreachable.",
+                "Webhook delivery attempts by subscription and outcome: 2xx, 3xx, 4xx, 429, \
+                 5xx, timeout, unreachable.",
                 &["subscription", "outcome"],
             )?,
             attempt_seconds: f.add(HistogramVec::new(
@@ -53,7 +55,8 @@ impl WebhookMetrics {
             )?,
             endpoint_up: f.gauge(
                 "cdcflow_webhook_endpoint_up",
-                "1 while the last attempt got an answer other than 5xx or 429, 0 otherwise.",
+                "1 while the last attempt got an answer other than 5xx, 429 or 408; 0 after \
+                 such an answer, a timeout or a failed connection.",
                 &["subscription"],
             )?,
         })
