@@ -37,8 +37,9 @@ pub struct WebhookConfig {
     /// One attempt's limit, connecting and answering. Default 10 s.
     #[serde(default = "default_webhook_timeout", with = "super::duration")]
     pub timeout: Duration,
-    /// Attempts in all before the DLQ. Default 160: with the default backoff that lasts past
-    /// `max_age`, so an endpoint that is down is retried for a day.
+    /// Attempts in all before the DLQ. Default 300: with the default backoff (waits of 5 to
+    /// 10 min once doubled up) that lasts past `max_age`, so an endpoint that is down is
+    /// retried for a day.
     #[serde(default = "default_webhook_max_attempts")]
     pub max_attempts: u32,
     /// From the first attempt, how long an event may take before the DLQ. Default 24 h.
@@ -78,7 +79,7 @@ fn default_webhook_timeout() -> Duration {
     Duration::from_secs(10)
 }
 fn default_webhook_max_attempts() -> u32 {
-    160
+    300
 }
 fn default_webhook_max_age() -> Duration {
     Duration::from_secs(24 * 3600)
