@@ -65,8 +65,11 @@ pub struct Change {
     /// Envelope `ts_ms` (when Debezium processed the change), if present.
     pub envelope_ts_ms: Option<i64>,
     /// The source transaction id: the envelope's `transaction.id` block (written with
-    /// `provide.transaction.metadata`), else the connector's `txId`, `gtid` or `xid`.
+    /// `provide.transaction.metadata`), else the connector's `txId`, `gtid` or `xid`. For a
+    /// CloudEvents input, the chain's correlation id.
     pub transaction_id: Option<String>,
+    /// For a CloudEvents input (a chain stage), the event the change is.
+    pub event: Option<super::EventOrigin>,
 }
 
 impl Change {

@@ -75,6 +75,8 @@ pub enum EnvelopeFormat {
     Auto,
     Envelope,
     Flattened,
+    /// CloudEvents, structured or binary: another pipeline's business events (a chain).
+    CloudEvents,
 }
 
 /// What a record decodes to: a change, or something that is counted and skipped.
@@ -140,11 +142,16 @@ impl Decoder {
             return Ok(Decoded::Skip(SkipReason::Tombstone));
         };
         let text = self.checked_text("value", value_bytes)?;
+        if self.format == EnvelopeFormat::CloudEvents {
+            return super::cloudevent::event_change(record, value_bytes)
+                .map(|change| Decoded::Change(Box::new(change)));
+        }
         let Some((payload, schema)) = self.split_value(text)? else {
             return Ok(Decoded::Skip(SkipReason::Tombstone));
         };
         let flattened = match self.format {
-            EnvelopeFormat::Envelope => false,
+            // CloudEvents were read above.
+            EnvelopeFormat::Envelope | EnvelopeFormat::CloudEvents => false,
             EnvelopeFormat::Flattened => true,
             EnvelopeFormat::Auto => {
                 !payload.contains(OP) && payload.names().any(|k| k.starts_with(FLAT_PREFIX))
@@ -171,6 +178,7 @@ impl Decoder {
             source: body.source,
             envelope_ts_ms: body.ts_ms,
             transaction_id,
+            event: None,
         })))
     }
 

@@ -7,6 +7,7 @@
 
 mod body;
 mod change;
+mod cloudevent;
 mod decode;
 mod error;
 mod key;
@@ -17,6 +18,7 @@ mod shallow;
 mod time;
 
 pub use change::{CHANGE_SOURCE_FIELDS, Change, Op};
+pub use cloudevent::{EventOrigin, RecordEvent, record_event};
 pub use decode::{DecodeLimits, Decoded, Decoder, EnvelopeFormat, SkipReason};
 pub use error::DecodeError;
 pub use key::EntityKey;

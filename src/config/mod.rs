@@ -5,6 +5,7 @@
 //! a key (`CDCFLOW__STATE__PATH=/var/lib/cdcflow/state.db`); the value is read as a TOML value
 //! when it parses as one, else as text.
 
+mod chains;
 mod duration;
 mod endpoints;
 mod model;
@@ -258,6 +259,7 @@ impl Config {
         if self.pipelines.is_empty() && self.webhooks.is_empty() && self.ingress.is_none() {
             return Err(no_pipeline());
         }
+        chains::reject_loops(&self.pipelines)?;
         endpoints::validate_webhooks(&self.webhooks)?;
         if let Some(ingress) = &self.ingress {
             endpoints::validate_ingress(ingress)?;

@@ -214,7 +214,7 @@ pub struct PipelineConfig {
     /// A regex matched against whole topic names, in addition to `topics`.
     #[serde(default)]
     pub topic_pattern: Option<String>,
-    /// `auto` (default), `envelope` or `flattened`.
+    /// `auto` (default), `envelope`, `flattened`, or `cloudevents` (another pipeline's events).
     #[serde(default)]
     pub format: FormatConfig,
     /// Row fields that identify the entity when a record has no key.
@@ -273,6 +273,8 @@ pub enum FormatConfig {
     Auto,
     Envelope,
     Flattened,
+    /// Another pipeline's business events (a chain stage).
+    Cloudevents,
 }
 
 impl FormatConfig {
@@ -281,6 +283,7 @@ impl FormatConfig {
             FormatConfig::Auto => EnvelopeFormat::Auto,
             FormatConfig::Envelope => EnvelopeFormat::Envelope,
             FormatConfig::Flattened => EnvelopeFormat::Flattened,
+            FormatConfig::Cloudevents => EnvelopeFormat::CloudEvents,
         }
     }
 }

@@ -225,7 +225,16 @@ impl Pipeline {
                 message: error.to_string(),
             })?;
         let time = change.source_ts_ms().map(crate::cdc::format_epoch_millis);
-        let causation = record.origin_ref().to_string();
+        // An event a chain stage read causes the events it derives; a row change is caused by
+        // its record. Derived events keep the upstream entity as subject and Kafka key.
+        let causation = change
+            .event
+            .as_ref()
+            .map_or_else(|| record.origin_ref().to_string(), |event| event.id.clone());
+        let subject = change
+            .event
+            .as_ref()
+            .map_or(change.key.as_str(), |event| event.subject.as_str());
         let sequence = version.sequence();
         let entity_version = version.to_string();
         let mut outputs = Vec::with_capacity(fired.len());
@@ -240,12 +249,12 @@ impl Pipeline {
                 ),
                 source: &settings.event_source,
                 event_type: &fired.rule.event_type,
-                subject: change.key.as_str(),
+                subject,
                 time: time.as_deref(),
                 data: fired.data,
                 entity_version: &entity_version,
                 sequence: &sequence,
-                partition_key: change.key.as_str(),
+                partition_key: subject,
                 causation_id: &causation,
                 correlation_id: change.transaction_id.as_deref(),
                 unavailable_fields: &unavailable_fields,

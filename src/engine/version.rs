@@ -211,6 +211,25 @@ fn position(
     source: &Map<String, Value>,
     connector: Option<Connector>,
 ) -> Result<Vec<u64>, VersionError> {
+    // A CloudEvent's position is its `sequence` extension (a chain stage's input).
+    if connector.is_none()
+        && source.contains_key("specversion")
+        && !source.contains_key("connector")
+    {
+        let sequence = source
+            .get("sequence")
+            .and_then(Value::as_str)
+            .ok_or_else(|| VersionError::Missing {
+                field: "sequence (the CloudEvents sequence extension cdcflow writes)".to_owned(),
+            })?;
+        return Version::from_sequence(sequence)
+            .map(|version| version.components().to_vec())
+            .ok_or_else(|| VersionError::Invalid {
+                field: "sequence".to_owned(),
+                found: format!("`{sequence}`"),
+                expected: "`.`-separated hex (the sequence cdcflow writes)",
+            });
+    }
     let connector = match connector {
         Some(connector) => connector,
         None => {

@@ -15,12 +15,12 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::commit::is_fatal_consumer_error;
 use super::error::{ServiceError, kafka_error};
 use super::{admin, clients};
+use crate::cdc::{RecordEvent, record_event};
 use crate::config::{DeliveryConfig, KafkaConfig, WebhookConfig};
 use crate::runtime::now_ms;
 use crate::webhook::client::{Delivery, WebhookClient};
 use crate::webhook::{
-    Abandoned, EventFilter, Next, Queued, RecordEvent, RetryPolicy, Schedule, SigningSecret,
-    next_step, record_event,
+    Abandoned, EventFilter, Next, Queued, RetryPolicy, Schedule, SigningSecret, next_step,
 };
 
 /// The consumer's context: revoked partitions are handed to the loop, which drops their

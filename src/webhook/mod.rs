@@ -1,17 +1,14 @@
 //! Outgoing webhooks: Standard Webhooks signatures ([`signature`]), what happens after an
 //! attempt ([`retry`]), and the order of deliveries with the offsets that may be committed
-//! ([`schedule`]), the event a record carries ([`event`]) and the `when` condition ([`filter`]),
-//! all pure; and the HTTP adapter that
+//! ([`schedule`]) and the `when` condition ([`filter`]), all pure; and the HTTP adapter that
 //! makes one signed attempt ([`client`]).
 
 pub mod client;
-pub mod event;
 pub mod filter;
 pub mod retry;
 pub mod schedule;
 pub mod signature;
 
-pub use event::{RecordEvent, record_event};
 pub use filter::{EventFilter, FilterError};
 pub use retry::{Abandoned, AttemptResult, Next, RetryPolicy, next_step};
 pub use schedule::{Queued, Schedule};
