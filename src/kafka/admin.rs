@@ -44,12 +44,35 @@ pub(super) fn prepare(
     let Some(metadata) = wait_for_metadata(&probe, kafka, shutdown)? else {
         return Ok(None);
     };
-    let existing: BTreeMap<String, usize> = metadata
+    let mut existing: BTreeMap<String, usize> = metadata
         .topics()
         .iter()
         .filter(|topic| topic.error().is_none())
         .map(|topic| (topic.name().to_owned(), topic.partitions().len()))
         .collect();
+    // A chain in one config: a stage's input is an earlier stage's event topic. Those are
+    // created first, so that the stage finds its input like any other.
+    let chained: Vec<(String, i32, bool)> = pipelines
+        .iter()
+        .flat_map(|(_, pipeline)| {
+            pipeline
+                .settings()
+                .rules
+                .specs()
+                .map(|rule| rule.topic.clone())
+        })
+        .filter(|topic| !existing.contains_key(topic))
+        .filter(|topic| pipelines.iter().any(|(route, _)| route.matches(topic)))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .map(|topic| (topic, kafka.topic_partitions, false))
+        .collect();
+    if !chained.is_empty() {
+        create_topics(kafka, &chained, runtime)?;
+        for (topic, partitions, _) in chained {
+            existing.insert(topic, partitions as usize);
+        }
+    }
 
     let mut inputs = BTreeSet::new();
     let mut changelogs = Vec::new();

@@ -113,6 +113,17 @@ pub(super) fn producer(
     config
 }
 
+/// An idempotent producer (acks=all) that reports no statistics, for the writers that have no
+/// use for them (the webhook DLQ, the ingress, the operator's tools): librdkafka's default
+/// context would log every report at info.
+pub(super) fn idempotent_producer(kafka: &KafkaConfig) -> ClientConfig {
+    let mut settings = kafka.clone();
+    settings.delivery = DeliveryConfig::AtLeastOnce;
+    let mut config = producer(&settings, "", None);
+    config.set("statistics.interval.ms", "0");
+    config
+}
+
 /// The admin client (topic creation and validation).
 pub(super) fn admin(kafka: &KafkaConfig) -> ClientConfig {
     base(kafka)

@@ -16,7 +16,7 @@ use super::commit::is_fatal_consumer_error;
 use super::error::{ServiceError, kafka_error};
 use super::{admin, clients};
 use crate::cdc::{RecordEvent, record_event};
-use crate::config::{DeliveryConfig, KafkaConfig, WebhookConfig};
+use crate::config::{KafkaConfig, WebhookConfig};
 use crate::runtime::now_ms;
 use crate::webhook::client::{Delivery, WebhookClient};
 use crate::webhook::{
@@ -125,9 +125,7 @@ pub async fn deliver(
     consumer
         .subscribe(&topics)
         .map_err(kafka_error(format!("cannot subscribe to {topics:?}")))?;
-    let mut producer_kafka = kafka.clone();
-    producer_kafka.delivery = DeliveryConfig::AtLeastOnce;
-    let dlq: FutureProducer = clients::producer(&producer_kafka, "", None)
+    let dlq: FutureProducer = clients::idempotent_producer(kafka)
         .create()
         .map_err(kafka_error("cannot create the webhook DLQ producer"))?;
     let client = WebhookClient::new(

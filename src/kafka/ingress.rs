@@ -8,7 +8,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::clients;
 use super::error::{ServiceError, kafka_error};
-use crate::config::{DeliveryConfig, KafkaConfig};
+use crate::config::KafkaConfig;
 
 /// Where an accepted push was written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,9 +32,7 @@ impl IngressProducer {
     /// `produce_timeout` bounds librdkafka's own retries (`message.timeout.ms`): past it the
     /// push is answered 503 and the sender retries with the same request id.
     pub fn new(kafka: &KafkaConfig, produce_timeout: Duration) -> Result<Self, ServiceError> {
-        let mut settings = kafka.clone();
-        settings.delivery = DeliveryConfig::AtLeastOnce;
-        let mut config = clients::producer(&settings, "", None);
+        let mut config = clients::idempotent_producer(kafka);
         config
             .set(
                 "message.timeout.ms",

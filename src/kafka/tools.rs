@@ -17,7 +17,7 @@ use super::clients;
 use super::error::{ServiceError, kafka_error};
 use super::records::raw_record;
 use crate::cdc::RawRecord;
-use crate::config::{DeliveryConfig, KafkaConfig};
+use crate::config::KafkaConfig;
 use crate::ops::Reinjection;
 
 /// How long metadata and watermark look-ups may take.
@@ -146,9 +146,7 @@ pub async fn write_records(
     kafka: &KafkaConfig,
     records: &[Reinjection],
 ) -> Result<usize, ServiceError> {
-    let mut config = kafka.clone();
-    config.delivery = DeliveryConfig::AtLeastOnce;
-    let producer: FutureProducer = clients::producer(&config, "", None)
+    let producer: FutureProducer = clients::idempotent_producer(kafka)
         // One request in flight keeps order without depending on idempotence's sequence
         // numbers alone; the command writes few records.
         .set("max.in.flight.requests.per.connection", "1")
