@@ -194,30 +194,24 @@ impl RequestStore {
         parameters: &[Parameter<'_>],
         what: &'static str,
     ) -> Result<u64, StoreError> {
-        match &self.pool {
-            Pool::Sqlite(pool) => {
-                let mut query = sqlx::query(sql.sqlite);
+        // The two pools are different types: one body, written once, for each.
+        macro_rules! run {
+            ($sql:expr, $pool:expr) => {{
+                let mut query = sqlx::query($sql);
                 for parameter in parameters {
                     query = match *parameter {
                         Parameter::Text(text) => query.bind(text),
                         Parameter::Int(number) => query.bind(number),
                     };
                 }
-                let done = query.execute(pool).await.map_err(query_error(what))?;
-                Ok(done.rows_affected())
-            }
-            Pool::Postgres(pool) => {
-                let mut query = sqlx::query(sql.postgres);
-                for parameter in parameters {
-                    query = match *parameter {
-                        Parameter::Text(text) => query.bind(text),
-                        Parameter::Int(number) => query.bind(number),
-                    };
-                }
-                let done = query.execute(pool).await.map_err(query_error(what))?;
-                Ok(done.rows_affected())
-            }
+                let done = query.execute($pool).await.map_err(query_error(what))?;
+                done.rows_affected()
+            }};
         }
+        Ok(match &self.pool {
+            Pool::Sqlite(pool) => run!(sql.sqlite, pool),
+            Pool::Postgres(pool) => run!(sql.postgres, pool),
+        })
     }
 
     async fn look(&self, route: &str, request_id: &str) -> Result<Option<Found>, StoreError> {
@@ -236,31 +230,23 @@ impl RequestStore {
                 }
             }};
         }
+        macro_rules! look {
+            ($sql:expr, $pool:expr) => {{
+                let row = sqlx::query($sql)
+                    .bind(route)
+                    .bind(request_id)
+                    .fetch_optional($pool)
+                    .await
+                    .map_err(query_error("look up"))?;
+                match row {
+                    Some(row) => Some(read!(row)),
+                    None => None,
+                }
+            }};
+        }
         Ok(match &self.pool {
-            Pool::Sqlite(pool) => {
-                let row = sqlx::query(LOOK.sqlite)
-                    .bind(route)
-                    .bind(request_id)
-                    .fetch_optional(pool)
-                    .await
-                    .map_err(query_error("look up"))?;
-                match row {
-                    Some(row) => Some(read!(row)),
-                    None => None,
-                }
-            }
-            Pool::Postgres(pool) => {
-                let row = sqlx::query(LOOK.postgres)
-                    .bind(route)
-                    .bind(request_id)
-                    .fetch_optional(pool)
-                    .await
-                    .map_err(query_error("look up"))?;
-                match row {
-                    Some(row) => Some(read!(row)),
-                    None => None,
-                }
-            }
+            Pool::Sqlite(pool) => look!(LOOK.sqlite, pool),
+            Pool::Postgres(pool) => look!(LOOK.postgres, pool),
         })
     }
 
