@@ -40,6 +40,7 @@ pub mod ingress;
 pub mod kafka;
 pub mod metrics;
 pub mod ops;
+pub mod poll;
 pub mod runtime;
 pub mod store;
 pub mod webhook;
