@@ -41,6 +41,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod ops;
 pub mod poll;
+pub mod reconcile;
 pub mod runtime;
 pub mod store;
 pub mod webhook;
