@@ -40,6 +40,8 @@ pub mod ingress;
 pub mod kafka;
 pub mod metrics;
 pub mod ops;
+pub mod poll;
+pub mod reconcile;
 pub mod runtime;
 pub mod store;
 pub mod webhook;
