@@ -113,6 +113,21 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Run the `[[poll]]` sources of the config: each reads the changed rows of its table by
+    /// its cursor column and writes them, with the cursor, to its topic in one Kafka
+    /// transaction. One instance of the group owns a poll at a time.
+    Poll {
+        /// The TOML config file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        /// Only this poll.
+        #[arg(long)]
+        name: Option<String>,
+        /// Poll until the table is read up to the horizon, then exit (for a cron job or a
+        /// backfill).
+        #[arg(long)]
+        once: bool,
+    },
     /// Look into and act on the dead-letter topics: list, replay after a fix, discard.
     Dlq {
         #[command(subcommand)]
@@ -178,6 +193,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("cannot start the async runtime")?;
             runtime.block_on(async { cli::ingress::run(&config, stop_signal()?).await })
         }
+        Command::Poll { config, name, once } => small_runtime()?
+            .block_on(async { cli::poll::run(&config, name.as_deref(), once, stop_signal()?).await }),
         Command::Dlq { action } => small_runtime()?.block_on(cli::operate::dlq(action)),
         Command::State { action } => small_runtime()?.block_on(cli::operate::state(action)),
         Command::Run { config } => {
@@ -315,6 +332,31 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
                 "  route {} -> {} keyed by {:?}",
                 route.path, route.topic, route.key
             );
+        }
+    }
+    for poll in &config.polls {
+        println!("
+poll `{}`", poll.name);
+        println!(
+            "  database: {}",
+            poll.database_url()
+                .map_or("(unset)".to_owned(), |url| redact_password(&url))
+        );
+        println!(
+            "  table:    {} by ({}, {})",
+            poll.table,
+            poll.cursor_column,
+            poll.key.join(", ")
+        );
+        println!("  topic:    {}", poll.topic());
+        println!("  group:    {}", poll.group_id(&config.kafka.group_id));
+        println!(
+            "  interval: {:?} to {:?}, {} rows per page",
+            poll.min_interval, poll.max_interval, poll.page_size
+        );
+        match &poll.soft_delete_column {
+            Some(column) => println!("  deletes:  soft, by `{column}`"),
+            None => println!("  deletes:  not seen (hard deletes are not supported by polling)"),
         }
     }
     Ok(())

@@ -4,6 +4,7 @@
 pub(crate) mod deliver;
 pub(crate) mod ingress;
 pub(crate) mod operate;
+pub(crate) mod poll;
 pub(crate) mod progress;
 pub(crate) mod run;
 pub(crate) mod tasks;

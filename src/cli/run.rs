@@ -1,5 +1,5 @@
 //! `cdcflow run`: the pipelines as a consumer-group service, with the config's webhook
-//! subscriptions and ingress beside them.
+//! subscriptions, ingress and SQL polls beside them.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -27,6 +27,7 @@ pub(crate) async fn run(
     let subscriptions = super::deliver::subscriptions(&config, None, &metrics)?;
     super::ingress::spawn(&mut tasks, &config, &metrics).await?;
     super::deliver::spawn_all(&mut tasks, &config.kafka, subscriptions);
+    super::poll::spawn_all(&mut tasks, &config.kafka, &config.polls, &metrics).await?;
     let store = if config.pipelines.is_empty() {
         // Webhooks or an ingress alone: nothing to join a group for, ready at once.
         health.set_joined(true);

@@ -9,6 +9,7 @@ mod chains;
 mod duration;
 mod endpoints;
 mod model;
+mod poll;
 mod security;
 
 pub use security::{
@@ -33,6 +34,7 @@ pub use model::{
 };
 
 pub use endpoints::{IngressConfig, IngressRoute, WebhookConfig};
+pub use poll::{DeletesConfig, PollConfig, ReconcileConfig, cursor_topic};
 
 /// librdkafka properties the runtime manages to keep its guarantees, each with what to do
 /// instead; a pass-through of one of them is a config error naming the key and the fix.
@@ -256,8 +258,18 @@ impl Config {
         // A config of webhook subscriptions or an ingress alone serves `cdcflow deliver`,
         // `cdcflow ingress` or `cdcflow run`; `replay` and `check` ask for pipelines
         // (`require_pipelines`).
-        if self.pipelines.is_empty() && self.webhooks.is_empty() && self.ingress.is_none() {
+        if self.pipelines.is_empty()
+            && self.webhooks.is_empty()
+            && self.ingress.is_none()
+            && self.polls.is_empty()
+        {
             return Err(no_pipeline());
+        }
+        poll::validate_polls(&self.polls)?;
+        for pipeline in &self.pipelines {
+            if let Some(reconcile) = &pipeline.reconcile {
+                poll::validate_reconcile(&pipeline.name, reconcile)?;
+            }
         }
         chains::reject_loops(&self.pipelines)?;
         endpoints::validate_webhooks(&self.webhooks)?;

@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use super::duration;
 use super::endpoints::{IngressConfig, WebhookConfig};
+use super::poll::{PollConfig, ReconcileConfig};
 use super::security::{ClientSecurity, SecurityConfig};
 use crate::cdc::{DecodeLimits, EnvelopeFormat};
 use crate::engine::{Connector, EventMode, PayloadSpec, RuleSpec, VersionSource, VersionSpec};
@@ -43,6 +44,9 @@ pub struct Config {
     /// The webhook ingress (`cdcflow run` or `cdcflow ingress`).
     #[serde(default)]
     pub ingress: Option<IngressConfig>,
+    /// SQL polling sources (`cdcflow run` or `cdcflow poll`).
+    #[serde(rename = "poll", default)]
+    pub polls: Vec<PollConfig>,
 }
 
 /// `[state]`
@@ -248,6 +252,9 @@ pub struct PipelineConfig {
     /// `__debezium_unavailable_value`.
     #[serde(default)]
     pub unavailable_value_placeholder: Option<String>,
+    /// The source of truth `cdcflow reconcile` compares the pipeline's state with.
+    #[serde(default)]
+    pub reconcile: Option<ReconcileConfig>,
     /// The rules that derive business events.
     #[serde(rename = "rule", default)]
     pub rules: Vec<RuleConfig>,

@@ -128,3 +128,29 @@ pub(super) fn idempotent_producer(kafka: &KafkaConfig) -> ClientConfig {
 pub(super) fn admin(kafka: &KafkaConfig) -> ClientConfig {
     base(kafka)
 }
+
+/// The member of a poll's ownership group: it reads nothing that matters (the cursor topic's
+/// single partition is what the group assigns, to one member), so it starts at the end.
+pub(super) fn poll_owner_consumer(kafka: &KafkaConfig, group: &str) -> ClientConfig {
+    let mut config = base(kafka);
+    config
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "latest")
+        .set("session.timeout.ms", "10000");
+    config
+}
+
+/// The transactional producer of one poll: its rows and its cursor commit together, and its
+/// fixed transactional id fences a previous owner. It partitions keys as Kafka's Java
+/// clients do (murmur2), so the records of one row land where Debezium's would.
+pub(super) fn poll_producer(kafka: &KafkaConfig, transactional_id: &str) -> ClientConfig {
+    let mut settings = kafka.clone();
+    settings.delivery = DeliveryConfig::ExactlyOnce;
+    let mut config = producer(&settings, transactional_id, None);
+    config
+        .set("statistics.interval.ms", "0")
+        .set("partitioner", "murmur2_random");
+    config
+}

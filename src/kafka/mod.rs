@@ -37,6 +37,7 @@ mod deliver;
 mod error;
 mod features;
 mod ingress;
+mod poll;
 mod produce;
 mod rebalance;
 mod records;
@@ -51,6 +52,7 @@ pub use deliver::{Subscription, deliver};
 pub use error::ServiceError;
 pub use features::{ClientLibrary, required_features};
 pub use ingress::{IngressProducer, Written};
+pub use poll::{PollRun, PollRunError, PollSummary, create_poll_topics, run_poll};
 pub use service::{ServiceOptions, run_service};
 
 /// The name of a pipeline's changelog topic: `<group_id>.<pipeline>.changelog`.

@@ -1,6 +1,6 @@
-//! The families of cdcflow's HTTP edges: outgoing webhook subscriptions and the ingress.
+//! The families of cdcflow's edges: outgoing webhook subscriptions, the ingress and SQL polls.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec};
+use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts};
 
 use super::{Families, LATENCY_BUCKETS};
 
@@ -112,5 +112,77 @@ impl IngressMetrics {
                 &["backend"],
             )?,
         })
+    }
+}
+
+/// Per SQL poll (`[[poll]]` name).
+#[derive(Debug, Clone)]
+pub struct PollMetrics {
+    /// Polls by result: `full` (a full page), `partial`, `empty`, `error`.
+    pub polls: IntCounterVec,
+    pub rows: IntCounterVec,
+    /// The current wait between polls, in seconds (without jitter).
+    pub interval_seconds: GaugeVec,
+    /// The database's `now()` less the cursor (the last row read), in seconds.
+    pub cursor_lag_seconds: GaugeVec,
+    /// The database's `now()` less the horizon rows are read below: above the grace period
+    /// while a long transaction holds the poll back.
+    pub horizon_lag_seconds: GaugeVec,
+    /// 1 on the instance that owns the poll.
+    pub owner: IntGaugeVec,
+}
+
+impl PollMetrics {
+    pub(super) fn register(f: &mut Families) -> prometheus::Result<PollMetrics> {
+        Ok(PollMetrics {
+            polls: f.counter(
+                "cdcflow_poll_polls_total",
+                "SQL polls by result: full (a full page, more waiting), partial, empty, error.",
+                &["poll", "result"],
+            )?,
+            rows: f.counter(
+                "cdcflow_poll_rows_total",
+                "Rows a SQL poll read and wrote to its topic.",
+                &["poll"],
+            )?,
+            interval_seconds: f.add(GaugeVec::new(
+                Opts::new(
+                    "cdcflow_poll_interval_seconds",
+                    "The current wait between two polls, before jitter: min_interval while \
+                     polls return full pages, doubling up to max_interval while they return \
+                     nothing.",
+                ),
+                &["poll"],
+            )?)?,
+            cursor_lag_seconds: f.add(GaugeVec::new(
+                Opts::new(
+                    "cdcflow_poll_cursor_lag_seconds",
+                    "The database's now() less the cursor of the last row read.",
+                ),
+                &["poll"],
+            )?)?,
+            horizon_lag_seconds: f.add(GaugeVec::new(
+                Opts::new(
+                    "cdcflow_poll_horizon_lag_seconds",
+                    "The database's now() less the horizon rows are read below (the grace \
+                     period, or the start of the oldest open transaction).",
+                ),
+                &["poll"],
+            )?)?,
+            owner: f.gauge(
+                "cdcflow_poll_owner",
+                "1 on the instance that owns the poll (one per poll in a group).",
+                &["poll"],
+            )?,
+        })
+    }
+
+    /// Creates the poll's series at 0, so that rates and alerts see the first poll.
+    pub fn zero(&self, poll: &str) {
+        for result in ["full", "partial", "empty", "error"] {
+            self.polls.with_label_values(&[poll, result]);
+        }
+        self.rows.with_label_values(&[poll]);
+        self.owner.with_label_values(&[poll]).set(0);
     }
 }

@@ -18,7 +18,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry,
 };
 
-pub use edges::{IngressMetrics, WebhookMetrics};
+pub use edges::{IngressMetrics, PollMetrics, WebhookMetrics};
 pub use tally::{PipelineTally, Tally};
 
 /// Latency buckets, in seconds: from a millisecond to ten minutes (a restore or an outage).
@@ -107,6 +107,8 @@ pub struct Metrics {
     pub webhooks: WebhookMetrics,
     /// The webhook ingress.
     pub ingress: IngressMetrics,
+    /// SQL polling sources.
+    pub polls: PollMetrics,
 }
 
 /// Registers families and remembers their names.
@@ -359,6 +361,7 @@ impl Metrics {
             )?,
             webhooks: WebhookMetrics::register(f)?,
             ingress: IngressMetrics::register(f)?,
+            polls: PollMetrics::register(f)?,
             registry: families.registry.clone(),
             names: Vec::new(),
         };

@@ -1,7 +1,12 @@
-//! SQL polling sources (work in progress): the adaptive interval and the SQL of a poll, pure.
+//! SQL polling sources: the adaptive interval, the SQL of a poll and the records it writes
+//! (pure), and the database side of a poll (sqlx). The Kafka side is `kafka::poll`.
 
+pub mod database;
 pub mod interval;
 pub mod query;
+pub mod record;
 
+pub use database::{Horizon, PollDatabase, PollError};
 pub use interval::{AdaptiveInterval, PollResult};
 pub use query::{PollTable, quote_identifier};
+pub use record::{Cursor, PolledRecord, PolledRow, RecordError, RecordShape};

@@ -31,7 +31,8 @@ pub fn quote_identifier(name: &str) -> String {
 impl PollTable {
     /// The page after the cursor and below the horizon. Parameters: `$1` the horizon, then, when
     /// `resume`, the cursor value and the key values of the last row read. Each row comes as
-    /// `row` (the row as JSON text) and `cursor` (the cursor value as text).
+    /// `row` (the row as JSON text), `cursor` (the cursor value as text) and `ts_ms` (the
+    /// cursor as epoch milliseconds).
     pub fn page_sql(&self, resume: bool) -> String {
         let (cursor, cursor_type) = &self.cursor;
         let cursor = format!("t.{}", quote_identifier(cursor));
@@ -59,7 +60,8 @@ impl PollTable {
             .collect::<Vec<_>>()
             .join(", ");
         format!(
-            "SELECT row_to_json(t)::text AS row, {cursor}::text AS cursor FROM {} AS t \
+            "SELECT row_to_json(t)::text AS row, {cursor}::text AS cursor, \
+             floor(extract(epoch FROM {cursor}) * 1000)::bigint AS ts_ms FROM {} AS t \
              WHERE {} ORDER BY {order} LIMIT {}",
             quote_identifier(&self.table),
             conditions.join(" AND "),
@@ -67,15 +69,21 @@ impl PollTable {
         )
     }
 
-    /// The horizon, as text of the cursor's type: the start of the oldest open transaction
-    /// that has written, or now less `grace`, whichever is earlier. `pg_stat_activity` shows
-    /// other sessions' transactions to a role with `pg_read_all_stats`; without it only the
-    /// grace period protects.
+    /// The horizon: the start of the oldest transaction open in the database (any other
+    /// session's, written yet or not: one that has not written yet may still write rows
+    /// stamped with its start), or now less `grace`, whichever is earlier. Returns the
+    /// horizon as text of the cursor's type, then `now()` and the horizon as epoch
+    /// milliseconds. `pg_stat_activity` shows other roles' transactions to a role with
+    /// `pg_read_all_stats` (or a superuser); without it only the grace period protects.
     pub fn horizon_sql(&self, grace_ms: u64) -> String {
         format!(
-            "SELECT LEAST(now() - interval '{grace_ms} milliseconds', \
+            "WITH h AS (SELECT LEAST(now() - interval '{grace_ms} milliseconds', \
              COALESCE((SELECT min(xact_start) FROM pg_stat_activity \
-             WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()), now()))::{}::text",
+             WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid() \
+             AND datname = current_database() AND backend_type = 'client backend'), now())) \
+             AS at) \
+             SELECT at::{}::text, floor(extract(epoch FROM now()) * 1000)::bigint, \
+             floor(extract(epoch FROM at) * 1000)::bigint FROM h",
             self.cursor.1
         )
     }
@@ -98,7 +106,8 @@ mod tests {
     fn the_first_page_is_bounded_by_the_horizon_only() {
         assert_eq!(
             orders().page_sql(false),
-            "SELECT row_to_json(t)::text AS row, t.\"updated_at\"::text AS cursor FROM \
+            "SELECT row_to_json(t)::text AS row, t.\"updated_at\"::text AS cursor, \
+             floor(extract(epoch FROM t.\"updated_at\") * 1000)::bigint AS ts_ms FROM \
              \"public\".\"orders\" AS t WHERE t.\"updated_at\" < $1::timestamptz ORDER BY \
              t.\"updated_at\", t.\"id\" LIMIT 500"
         );
