@@ -138,6 +138,8 @@ pub(super) fn poll_owner_consumer(kafka: &KafkaConfig, group: &str) -> ClientCon
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "latest")
+        // The owner keeps the poll when another instance joins.
+        .set("partition.assignment.strategy", "cooperative-sticky")
         .set("session.timeout.ms", "10000");
     config
 }

@@ -33,7 +33,7 @@ struct Progress {
 
 /// A client context that does not log end-of-partition as an error: for the restore
 /// consumer it is the expected signal.
-struct QuietEof;
+pub(super) struct QuietEof;
 
 impl ClientContext for QuietEof {
     fn error(&self, error: KafkaError, reason: &str) {

@@ -16,6 +16,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::clients;
 use super::error::{ServiceError, kafka_error};
 use super::records::raw_record;
+use super::restore::QuietEof;
 use crate::cdc::RawRecord;
 use crate::config::KafkaConfig;
 use crate::ops::Reinjection;
@@ -35,9 +36,9 @@ pub fn read_topics(
     topics: &[String],
     mut visit: impl FnMut(RawRecord) -> ControlFlow<()>,
 ) -> Result<ReadSummary, ServiceError> {
-    let consumer: BaseConsumer = clients::restore_consumer(kafka)
+    let consumer: BaseConsumer<QuietEof> = clients::restore_consumer(kafka)
         .set("group.id", format!("{}.tools", kafka.group_id))
-        .create()
+        .create_with_context(QuietEof)
         .map_err(kafka_error("cannot create a Kafka consumer"))?;
     let mut summary = ReadSummary::default();
     let mut assignment = TopicPartitionList::new();
