@@ -128,6 +128,10 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Compare a pipeline's state (its changelog, or a store file) with the source of truth
+    /// (`[pipeline.reconcile]`, a SQL query) at one point in time: entities missing, extra,
+    /// or at another version or image, as JSON on stdout and a summary on stderr.
+    Reconcile(cli::reconcile::ReconcileArgs),
     /// Look into and act on the dead-letter topics: list, replay after a fix, discard.
     Dlq {
         #[command(subcommand)]
@@ -195,6 +199,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Poll { config, name, once } => small_runtime()?
             .block_on(async { cli::poll::run(&config, name.as_deref(), once, stop_signal()?).await }),
+        Command::Reconcile(args) => {
+            let fail_on_divergence = args.fail_on_divergence();
+            let diverged = small_runtime()?.block_on(cli::reconcile::reconcile(args))?;
+            if diverged && fail_on_divergence {
+                std::process::exit(2);
+            }
+            Ok(())
+        }
         Command::Dlq { action } => small_runtime()?.block_on(cli::operate::dlq(action)),
         Command::State { action } => small_runtime()?.block_on(cli::operate::state(action)),
         Command::Run { config } => {

@@ -6,5 +6,6 @@ pub(crate) mod ingress;
 pub(crate) mod operate;
 pub(crate) mod poll;
 pub(crate) mod progress;
+pub(crate) mod reconcile;
 pub(crate) mod run;
 pub(crate) mod tasks;

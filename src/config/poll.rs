@@ -112,7 +112,7 @@ pub fn cursor_topic(kafka_group: &str) -> String {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReconcileConfig {
-    /// `postgres://...` or `sqlite://...`.
+    /// `postgres://...`.
     #[serde(default)]
     pub database_url: Option<String>,
     #[serde(default)]
@@ -235,7 +235,7 @@ pub(super) fn validate_reconcile(
         &at,
         reconcile.database_url.as_deref(),
         reconcile.database_url_env.as_deref(),
-        &["postgres://", "postgresql://", "sqlite:"],
+        &["postgres://", "postgresql://"],
     )?;
     if reconcile.key.is_empty() {
         return Err(invalid(

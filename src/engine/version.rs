@@ -196,6 +196,32 @@ impl VersionSpec {
         Ok(Some(Version(components)))
     }
 
+    /// The version of a live row read from the source of truth (reconciliation, a repair's
+    /// snapshot read): what a change carrying this row would get. `None` when versions come
+    /// from the source position or `ts_ms`, which a row does not carry.
+    pub fn of_row(&self, row: &Map<String, Value>) -> Option<Result<Version, VersionError>> {
+        let VersionSource::Column(column) = &self.source else {
+            return None;
+        };
+        let version = || {
+            let value = row
+                .get(column)
+                .filter(|value| !value.is_null())
+                .ok_or_else(|| VersionError::Missing {
+                    field: column.clone(),
+                })?;
+            let mut components = vec![ordered_integer(value, column)?, LIVE_MARKER];
+            if let Some(column) = &self.snapshot_column {
+                components.push(match row.get(column) {
+                    Some(value) if !value.is_null() => ordered_integer(value, column)?,
+                    _ => 0,
+                });
+            }
+            Ok(Version(components))
+        };
+        Some(version())
+    }
+
     /// The version a versionless delete takes on top of the stored one (column mode): the
     /// stored column value with the delete marker.
     pub fn delete_after(&self, stored: &Version) -> Version {

@@ -205,3 +205,47 @@ pub async fn write_records(
     }
     Ok(written)
 }
+
+/// Writes keyed records to `topic`, partitioned by key as Kafka's Java clients partition
+/// (murmur2, as Debezium's records and cdcflow's polls are), and waits for every
+/// acknowledgement. Returns how many were written.
+pub async fn write_keyed(
+    kafka: &KafkaConfig,
+    topic: &str,
+    records: &[(Vec<u8>, Vec<u8>)],
+) -> Result<usize, ServiceError> {
+    let producer: FutureProducer = clients::idempotent_producer(kafka)
+        .set("partitioner", "murmur2_random")
+        .create()
+        .map_err(kafka_error("cannot create the Kafka producer"))?;
+    let mut deliveries = Vec::with_capacity(records.len());
+    for (key, value) in records {
+        deliveries.push(
+            producer
+                .send_result(FutureRecord::to(topic).key(key).payload(value))
+                .map_err(|(error, _)| ServiceError::Kafka {
+                    context: format!("cannot write to `{topic}`"),
+                    source: error,
+                })?,
+        );
+    }
+    let mut written = 0;
+    for delivery in deliveries {
+        match delivery.await {
+            Ok(Ok(_)) => written += 1,
+            Ok(Err((error, _))) => {
+                return Err(ServiceError::Kafka {
+                    context: format!("`{topic}` refused a record ({written} written before it)"),
+                    source: error,
+                });
+            }
+            Err(_) => {
+                return Err(ServiceError::Kafka {
+                    context: format!("a write to `{topic}` was cancelled"),
+                    source: KafkaError::Canceled,
+                });
+            }
+        }
+    }
+    Ok(written)
+}

@@ -1,6 +1,9 @@
-//! Reconciliation (work in progress): a pipeline's entity states against the source of truth,
-//! entity by entity. Pure: the command reads the states (store or changelog) and the source
-//! rows (SQL), both in key order, and hands them here.
+//! Reconciliation: a pipeline's entity states against the source of truth, entity by entity.
+//! The comparison is pure: `cdcflow reconcile` reads the states (store or changelog) and the
+//! source rows ([`source`], SQL), both in key order, and hands them here.
+
+pub mod repair;
+pub mod source;
 
 use std::cmp::Ordering;
 
@@ -13,8 +16,14 @@ use crate::engine::{EntityState, Version};
 #[derive(Debug, Clone, PartialEq)]
 pub struct SourceRow {
     pub key: String,
-    pub version: Version,
+    /// `None` when the pipeline's versions are source positions, which a row does not carry:
+    /// images alone are compared.
+    pub version: Option<Version>,
     pub image: Map<String, Value>,
+}
+
+fn version_text(version: Option<&Version>) -> String {
+    version.map_or_else(|| "-".to_owned(), Version::to_string)
 }
 
 /// How one entity differs.
@@ -71,9 +80,11 @@ impl Report {
 }
 
 /// Compares states and source rows, each sorted by key (a merge join: memory stays flat).
+/// Columns in `ignore` are left out of the image comparison.
 pub fn compare(
     states: impl IntoIterator<Item = (String, EntityState)>,
     rows: impl IntoIterator<Item = SourceRow>,
+    ignore: &[String],
 ) -> Report {
     let mut report = Report::default();
     let mut states = states.into_iter().peekable();
@@ -103,13 +114,13 @@ pub fn compare(
                 let row = rows.next().expect("peeked");
                 report.divergences.push(Divergence::Missing {
                     key: row.key,
-                    source_version: row.version.to_string(),
+                    source_version: version_text(row.version.as_ref()),
                 });
             }
             Ordering::Equal => {
                 let (key, state) = states.next().expect("peeked");
                 let row = rows.next().expect("peeked");
-                match divergence(key, &state, &row) {
+                match divergence(key, &state, &row, ignore) {
                     Some(divergence) => report.divergences.push(divergence),
                     None => report.matching += 1,
                 }
@@ -119,25 +130,32 @@ pub fn compare(
     report
 }
 
-fn divergence(key: String, state: &EntityState, row: &SourceRow) -> Option<Divergence> {
+fn divergence(
+    key: String,
+    state: &EntityState,
+    row: &SourceRow,
+    ignore: &[String],
+) -> Option<Divergence> {
     let Some(image) = state.image.as_deref() else {
         return Some(Divergence::Missing {
             key,
-            source_version: row.version.to_string(),
+            source_version: version_text(row.version.as_ref()),
         });
     };
-    if state.version.components() != row.version.components() {
+    if let Some(version) = &row.version
+        && state.version.components() != version.components()
+    {
         return Some(Divergence::Version {
             key,
             state_version: state.version.to_string(),
-            source_version: row.version.to_string(),
+            source_version: version.to_string(),
         });
     }
     let stored: Map<String, Value> = serde_json::from_str(image).unwrap_or_default();
     let mut fields: Vec<String> = stored
         .keys()
         .chain(row.image.keys())
-        .filter(|field| stored.get(*field) != row.image.get(*field))
+        .filter(|field| !ignore.contains(field) && stored.get(*field) != row.image.get(*field))
         .cloned()
         .collect();
     fields.sort();
@@ -165,7 +183,7 @@ mod tests {
     fn row(key: &str, version: u64, image: Value) -> SourceRow {
         SourceRow {
             key: key.to_owned(),
-            version: Version::new(vec![version]),
+            version: Some(Version::new(vec![version])),
             image: image.as_object().unwrap().clone(),
         }
     }
@@ -191,7 +209,7 @@ mod tests {
             row("3", 5, json!({"id": 3, "s": "y"})),
             row("6", 1, json!({"id": 6, "s": "new"})),
         ];
-        let report = compare(states, rows);
+        let report = compare(states, rows, &[]);
         assert_eq!(report.compared, 6);
         assert_eq!(report.matching, 2, "1 matches, 5 is deleted on both sides");
         assert_eq!(

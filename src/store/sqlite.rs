@@ -172,6 +172,18 @@ impl SqliteStore {
     }
 
     /// How many entity rows the store holds, across pipelines.
+    /// Every entity key of `pipeline` (for a reconciliation).
+    pub async fn entities(&self, pipeline: &str) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT entity FROM entity_state WHERE pipeline = ?")
+            .bind(pipeline)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::Unavailable)?;
+        rows.iter()
+            .map(|row| row.try_get(0).map_err(StoreError::Unavailable))
+            .collect()
+    }
+
     pub async fn count(&self) -> Result<i64, StoreError> {
         let row = sqlx::query("SELECT COUNT(*) FROM entity_state")
             .fetch_one(&self.pool)
