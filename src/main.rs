@@ -197,8 +197,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("cannot start the async runtime")?;
             runtime.block_on(async { cli::ingress::run(&config, stop_signal()?).await })
         }
-        Command::Poll { config, name, once } => small_runtime()?
-            .block_on(async { cli::poll::run(&config, name.as_deref(), once, stop_signal()?).await }),
+        Command::Poll { config, name, once } => small_runtime()?.block_on(async {
+            cli::poll::run(&config, name.as_deref(), once, stop_signal()?).await
+        }),
         Command::Reconcile(args) => {
             let fail_on_divergence = args.fail_on_divergence();
             let diverged = small_runtime()?.block_on(cli::reconcile::reconcile(args))?;
@@ -347,8 +348,11 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
         }
     }
     for poll in &config.polls {
-        println!("
-poll `{}`", poll.name);
+        println!(
+            "
+poll `{}`",
+            poll.name
+        );
         println!(
             "  database: {}",
             poll.database_url()

@@ -87,7 +87,10 @@ fn polling_sees_every_row_once_through_long_transactions_and_an_owner_killed() {
          INSERT INTO orders (id, status, version) \
          SELECT g, 'new', 1 FROM generate_series(1, 650) g;",
     );
-    create_topics(&[(&format!("{prefix}events"), 1), (&format!("{prefix}dlq"), 1)]);
+    create_topics(&[
+        (&format!("{prefix}events"), 1),
+        (&format!("{prefix}dlq"), 1),
+    ]);
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("poll");
     for instance in ["a", "b"] {
@@ -96,20 +99,35 @@ fn polling_sees_every_row_once_through_long_transactions_and_an_owner_killed() {
     let first = Service::start(&base.with_extension("a.toml"), &dir.path().join("a.log"));
     // The backlog of 650 rows comes in full pages of 100, at the shortest interval.
     wait_until("the backlog is read", Duration::from_secs(60), || {
-        metric(&metrics_of(&first), r#"cdcflow_poll_rows_total{poll="orders"}"#) == Some(650.0)
+        metric(
+            &metrics_of(&first),
+            r#"cdcflow_poll_rows_total{poll="orders"}"#,
+        ) == Some(650.0)
     });
     let page = metrics_of(&first);
     assert_eq!(
-        metric(&page, r#"cdcflow_poll_polls_total{poll="orders",result="full"}"#),
+        metric(
+            &page,
+            r#"cdcflow_poll_polls_total{poll="orders",result="full"}"#
+        ),
         Some(6.0),
         "{page}"
     );
-    assert_eq!(metric(&page, r#"cdcflow_poll_owner{poll="orders"}"#), Some(1.0));
+    assert_eq!(
+        metric(&page, r#"cdcflow_poll_owner{poll="orders"}"#),
+        Some(1.0)
+    );
     // Idle: the wait doubles up to max_interval.
-    wait_until("the interval reaches its maximum", Duration::from_secs(30), || {
-        metric(&metrics_of(&first), r#"cdcflow_poll_interval_seconds{poll="orders"}"#)
-            == Some(1.6)
-    });
+    wait_until(
+        "the interval reaches its maximum",
+        Duration::from_secs(30),
+        || {
+            metric(
+                &metrics_of(&first),
+                r#"cdcflow_poll_interval_seconds{poll="orders"}"#,
+            ) == Some(1.6)
+        },
+    );
     assert!(
         metric(
             &metrics_of(&first),
@@ -119,18 +137,24 @@ fn polling_sees_every_row_once_through_long_transactions_and_an_owner_killed() {
             >= 4.0
     );
     let second = Service::start(&base.with_extension("b.toml"), &dir.path().join("b.log"));
-    wait_until("the second instance runs its poll", Duration::from_secs(30), || {
-        second.log_text().contains("poll started")
-    });
+    wait_until(
+        "the second instance runs its poll",
+        Duration::from_secs(30),
+        || second.log_text().contains("poll started"),
+    );
     std::thread::sleep(Duration::from_secs(3));
     let owners: Vec<f64> = [&first, &second]
         .iter()
-        .map(|service| metric(&metrics_of(service), r#"cdcflow_poll_owner{poll="orders"}"#).unwrap())
+        .map(|service| {
+            metric(&metrics_of(service), r#"cdcflow_poll_owner{poll="orders"}"#).unwrap()
+        })
         .collect();
     assert_eq!(owners, vec![1.0, 0.0], "the first instance keeps the poll");
 
     let rt = runtime();
-    let pool = rt.block_on(PgPoolOptions::new().max_connections(8).connect(&url)).unwrap();
+    let pool = rt
+        .block_on(PgPoolOptions::new().max_connections(8).connect(&url))
+        .unwrap();
     // Three long transactions insert and update rows stamped with their start, then commit in
     // reverse order, seconds after short transactions committed later-stamped rows.
     let long: Vec<_> = (0..3)
@@ -188,16 +212,25 @@ fn polling_sees_every_row_once_through_long_transactions_and_an_owner_killed() {
     for _ in 0..20 {
         std::thread::sleep(Duration::from_millis(200));
         held_back = held_back.max(
-            metric(&metrics_of(&first), r#"cdcflow_poll_horizon_lag_seconds{poll="orders"}"#)
-                .unwrap_or(0.0),
+            metric(
+                &metrics_of(&first),
+                r#"cdcflow_poll_horizon_lag_seconds{poll="orders"}"#,
+            )
+            .unwrap_or(0.0),
         );
     }
-    assert!(held_back > 2.0, "the horizon did not wait for the long transactions: {held_back}");
+    assert!(
+        held_back > 2.0,
+        "the horizon did not wait for the long transactions: {held_back}"
+    );
     // Once they commit, a backlog and then a stream of changes: the wait comes down from
     // its maximum.
     wait_until("the interval comes down", Duration::from_secs(15), || {
-        metric(&metrics_of(&first), r#"cdcflow_poll_interval_seconds{poll="orders"}"#)
-            .is_some_and(|seconds| seconds < 1.6)
+        metric(
+            &metrics_of(&first),
+            r#"cdcflow_poll_interval_seconds{poll="orders"}"#,
+        )
+        .is_some_and(|seconds| seconds < 1.6)
     });
     // The owner dies in the middle of the workload; the other instance takes the poll over.
     first.kill();
@@ -207,9 +240,11 @@ fn polling_sees_every_row_once_through_long_transactions_and_an_owner_killed() {
         }
         short.await.unwrap();
     });
-    wait_until("the second instance owns the poll", Duration::from_secs(60), || {
-        metric(&metrics_of(&second), r#"cdcflow_poll_owner{poll="orders"}"#) == Some(1.0)
-    });
+    wait_until(
+        "the second instance owns the poll",
+        Duration::from_secs(60),
+        || metric(&metrics_of(&second), r#"cdcflow_poll_owner{poll="orders"}"#) == Some(1.0),
+    );
     let finals: BTreeMap<String, i64> = rt
         .block_on(
             sqlx::query_as::<_, (i64, i64)>("SELECT id, version FROM orders").fetch_all(&pool),
@@ -221,21 +256,29 @@ fn polling_sees_every_row_once_through_long_transactions_and_an_owner_killed() {
     assert_eq!(finals.len(), 650 + 60 + 100);
     let events_topic = format!("{prefix}events");
     let mut seen: BTreeMap<(String, i64), usize> = BTreeMap::new();
-    wait_until("every row's final version is an event", Duration::from_secs(90), || {
-        seen.clear();
-        for record in read_topic(&events_topic, "read_committed", 500) {
-            let event = record.json();
-            let version = event["data"]["version"].as_i64().unwrap();
-            *seen.entry((record.key.clone(), version)).or_default() += 1;
-        }
-        finals
-            .iter()
-            .all(|(id, version)| seen.contains_key(&(id.clone(), *version)))
-    });
+    wait_until(
+        "every row's final version is an event",
+        Duration::from_secs(90),
+        || {
+            seen.clear();
+            for record in read_topic(&events_topic, "read_committed", 500) {
+                let event = record.json();
+                let version = event["data"]["version"].as_i64().unwrap();
+                *seen.entry((record.key.clone(), version)).or_default() += 1;
+            }
+            finals
+                .iter()
+                .all(|(id, version)| seen.contains_key(&(id.clone(), *version)))
+        },
+    );
     let twice: Vec<_> = seen.iter().filter(|(_, count)| **count > 1).collect();
     assert!(twice.is_empty(), "events emitted twice: {twice:?}");
     let entities: BTreeSet<&String> = seen.keys().map(|(id, _)| id).collect();
-    assert_eq!(entities.len(), finals.len(), "an event for a row that does not exist");
+    assert_eq!(
+        entities.len(),
+        finals.len(),
+        "an event for a row that does not exist"
+    );
     assert!(
         read_topic(&format!("{prefix}dlq"), "read_committed", 300).is_empty(),
         "dead letters"

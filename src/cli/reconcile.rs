@@ -58,7 +58,10 @@ pub(crate) async fn reconcile(args: ReconcileArgs) -> anyhow::Result<bool> {
     };
     let started_ms = now_ms();
     let (states, state_source) = match &args.state {
-        Some(path) => (from_store(path, &pipeline.name).await?, path.display().to_string()),
+        Some(path) => (
+            from_store(path, &pipeline.name).await?,
+            path.display().to_string(),
+        ),
         None => {
             let topic = changelog_topic(&config.kafka.group_id, &pipeline.name);
             let (kafka, read) = (config.kafka.clone(), topic.clone());
@@ -73,7 +76,9 @@ pub(crate) async fn reconcile(args: ReconcileArgs) -> anyhow::Result<bool> {
         .await
         .with_context(|| format!("cannot read the source of truth of `{}`", pipeline.name))?;
     let report = compare(
-        states.iter().map(|(key, state)| (key.clone(), state.clone())),
+        states
+            .iter()
+            .map(|(key, state)| (key.clone(), state.clone())),
         rows.values().cloned(),
         &truth.ignore_columns,
     );
@@ -222,7 +227,9 @@ fn metrics_page(pipeline: &str, report: &Report, repaired: usize, at_ms: i64) ->
     let mut family = |name: &str, kind: &str, help: &str, series: &[(&str, f64)]| {
         page.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
         for (labels, value) in series {
-            page.push_str(&format!("{name}{{pipeline=\"{pipeline}\"{labels}}} {value}\n"));
+            page.push_str(&format!(
+                "{name}{{pipeline=\"{pipeline}\"{labels}}} {value}\n"
+            ));
         }
     };
     family(

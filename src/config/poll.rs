@@ -151,12 +151,10 @@ fn validate_database_url(
             at("database_url_env"),
             "set database_url or database_url_env, not both",
         )),
-        (Some(url), None) if !schemes.iter().any(|scheme| url.starts_with(scheme)) => {
-            Err(invalid(
-                at("database_url"),
-                format!("the URL must start with one of {}", schemes.join(", ")),
-            ))
-        }
+        (Some(url), None) if !schemes.iter().any(|scheme| url.starts_with(scheme)) => Err(invalid(
+            at("database_url"),
+            format!("the URL must start with one of {}", schemes.join(", ")),
+        )),
         _ => Ok(()),
     }
 }
@@ -177,7 +175,10 @@ pub(super) fn validate_polls(polls: &[PollConfig]) -> Result<(), ConfigError> {
         if !names.insert(poll.name.as_str()) {
             return Err(invalid(
                 at("name"),
-                format!("poll `{}` is defined twice; names must be unique", poll.name),
+                format!(
+                    "poll `{}` is defined twice; names must be unique",
+                    poll.name
+                ),
             ));
         }
         validate_database_url(

@@ -41,7 +41,9 @@ pub enum PollRunError {
         #[source]
         source: RecordError,
     },
-    #[error("poll `{poll}`: the cursor record in `{topic}` is unreadable ({detail}); delete it to poll from the start")]
+    #[error(
+        "poll `{poll}`: the cursor record in `{topic}` is unreadable ({detail}); delete it to poll from the start"
+    )]
     Cursor {
         poll: String,
         topic: String,
@@ -169,16 +171,7 @@ pub async fn run_poll(
         let Some(current) = owner.as_mut() else {
             continue;
         };
-        let result = poll_once(
-            &database,
-            current,
-            &shape,
-            &topic,
-            &cursors,
-            name,
-            metrics,
-        )
-        .await;
+        let result = poll_once(&database, current, &shape, &topic, &cursors, name, metrics).await;
         summary.polls += 1;
         let outcome = match result {
             Ok(rows) => {
@@ -328,7 +321,11 @@ async fn poll_once(
     for record in &records {
         deliveries.push(
             producer
-                .send_result(FutureRecord::to(topic).key(&record.key).payload(&record.value))
+                .send_result(
+                    FutureRecord::to(topic)
+                        .key(&record.key)
+                        .payload(&record.value),
+                )
                 .map_err(|(error, _)| Failure::Kafka(format!("cannot queue a row: {error}")))?,
         );
     }
@@ -340,7 +337,9 @@ async fn poll_once(
     for delivery in deliveries {
         match delivery.await {
             Ok(Ok(_)) => {}
-            Ok(Err((error, _))) => return Err(Failure::Kafka(format!("a row was refused: {error}"))),
+            Ok(Err((error, _))) => {
+                return Err(Failure::Kafka(format!("a row was refused: {error}")));
+            }
             Err(_) => return Err(Failure::Kafka("a delivery was cancelled".to_owned())),
         }
     }

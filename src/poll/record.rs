@@ -89,7 +89,10 @@ impl RecordShape {
             });
         }
         let deleted = self.soft_delete_column.as_ref().is_some_and(|column| {
-            !matches!(row.image.get(column), None | Some(Value::Null | Value::Bool(false)))
+            !matches!(
+                row.image.get(column),
+                None | Some(Value::Null | Value::Bool(false))
+            )
         });
         let ts_ms = row.ts_ms;
         let mut value = row.image;
@@ -152,7 +155,9 @@ mod tests {
     #[test]
     fn a_soft_deleted_row_is_a_rewritten_delete_that_the_decoder_reads_as_one() {
         let record = shape()
-            .record(row(json!({"id": "a-1", "deleted_at": "2026-11-30T12:00:00+00:00"})))
+            .record(row(
+                json!({"id": "a-1", "deleted_at": "2026-11-30T12:00:00+00:00"}),
+            ))
             .unwrap();
         assert_eq!(record.cursor.key, vec!["a-1".to_owned()]);
         let decoded = crate::cdc::Decoder::new(
@@ -176,7 +181,9 @@ mod tests {
         assert_eq!(change.op, crate::cdc::Op::Delete);
         assert_eq!(change.key.as_str(), "a-1");
         for flag in [json!(false), json!(null)] {
-            let record = shape().record(row(json!({"id": 1, "deleted_at": flag}))).unwrap();
+            let record = shape()
+                .record(row(json!({"id": 1, "deleted_at": flag})))
+                .unwrap();
             let value: Value = serde_json::from_slice(&record.value).unwrap();
             assert_eq!(value["__deleted"], "false");
         }

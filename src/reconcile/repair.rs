@@ -47,8 +47,8 @@ pub fn repair(
                 key: entity,
                 state_version,
                 source_version,
-            } => match rows.get(entity) {
-                Some(row) => {
+            } => {
+                if let Some(row) = rows.get(entity) {
                     let newer = match (states.get(entity), &row.version) {
                         (Some(state), Some(source)) => source > &state.version,
                         _ => true,
@@ -62,12 +62,14 @@ pub fn repair(
                         ));
                     }
                 }
-                None => {}
-            },
+            }
             Divergence::Extra { key: entity, .. } => {
                 repair.records.push(delete(entity, key, flattened, ts_ms));
             }
-            Divergence::Image { key: entity, fields } => {
+            Divergence::Image {
+                key: entity,
+                fields,
+            } => {
                 repair.not_repairable.push(format!(
                     "{entity}: {fields:?} differ at the same version; the gate drops a change \
                      at a version it has applied, so bump the row's version column to send it"
@@ -98,7 +100,9 @@ fn read(row: &SourceRow, key: &[String], flattened: bool, ts_ms: i64) -> (Vec<u8
         json!({"op": "r", "before": null, "after": row.image, "source": source(ts_ms), "ts_ms": ts_ms})
     };
     (
-        Value::Object(key_of(&row.image, key)).to_string().into_bytes(),
+        Value::Object(key_of(&row.image, key))
+            .to_string()
+            .into_bytes(),
         value.to_string().into_bytes(),
     )
 }
@@ -139,7 +143,10 @@ mod tests {
         SourceRow {
             key: id.to_string(),
             version: Some(Version::new(vec![version, 0])),
-            image: json!({"id": id, "version": version}).as_object().unwrap().clone(),
+            image: json!({"id": id, "version": version})
+                .as_object()
+                .unwrap()
+                .clone(),
         }
     }
 
@@ -209,8 +216,16 @@ mod tests {
         assert_eq!(records[0].1["__op"], "r");
         assert_eq!(records[1].1["version"], 5);
         assert_eq!(records[2].0, r#"{"id":9}"#);
-        assert_eq!(records[2].1, json!({"id": 9, "__deleted": "true", "__source_ts_ms": 5}));
-        assert_eq!(repair.not_repairable.len(), 2, "{:?}", repair.not_repairable);
+        assert_eq!(
+            records[2].1,
+            json!({"id": 9, "__deleted": "true", "__source_ts_ms": 5})
+        );
+        assert_eq!(
+            repair.not_repairable.len(),
+            2,
+            "{:?}",
+            repair.not_repairable
+        );
         let envelope = super::repair(&report, &rows, &states, &key, EnvelopeFormat::Envelope, 5);
         let first: Value = serde_json::from_slice(&envelope.records[0].1).unwrap();
         assert_eq!(first["op"], "r");

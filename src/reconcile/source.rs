@@ -86,13 +86,14 @@ pub async fn read_rows(
             }
         })?;
         let key = key.as_str().to_owned();
-        let version = version
-            .of_row(&image)
-            .transpose()
-            .map_err(|source| SourceError::Version {
-                key: key.clone(),
-                source,
-            })?;
+        let version =
+            version
+                .of_row(&image)
+                .transpose()
+                .map_err(|source| SourceError::Version {
+                    key: key.clone(),
+                    source,
+                })?;
         rows.insert(
             key.clone(),
             SourceRow {
