@@ -31,6 +31,11 @@
 //!   (pure), and the HTTP client of one attempt. The Kafka side is `kafka::deliver`.
 //! - [`ingress`]: the webhook ingress: what a push must be (pure), the request-id store
 //!   (PostgreSQL or SQLite through sqlx) and the HTTP server that writes each push once.
+//! - [`poll`]: SQL polling sources: the adaptive interval, the SQL of a page below the
+//!   horizon and the records it becomes (pure), and the database side (sqlx). The Kafka side
+//!   (one owner per poll, rows and cursor in one transaction) is `kafka::poll`.
+//! - [`reconcile`]: a pipeline's states against the source of truth (pure), the source rows
+//!   (sqlx) and the records of a repair (pure).
 
 pub mod cdc;
 pub mod config;
