@@ -87,7 +87,7 @@ enum Command {
     /// into business events, and publish them with the configured delivery guarantee
     /// (`[kafka] delivery`: exactly_once or at_least_once). State lives in the SQLite file of
     /// `[state] path`, backed by a compacted changelog topic per pipeline; deleting the file
-    /// loses nothing. The config's `[[webhook]]` subscriptions and `[ingress]` run beside the
+    /// loses nothing. The config's `[[webhook]]` subscriptions, `[ingress]` and `[[poll]]` run beside the
     /// pipelines. SIGTERM or Ctrl-C finishes the batch, commits, leaves the group and exits 0.
     Run {
         /// The TOML config file.

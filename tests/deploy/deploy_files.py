@@ -26,6 +26,9 @@ DASHBOARD = "deploy/grafana/cdcflow.json"
 # Where cdcflow declares every metric family, each name a string literal: the files of this
 # directory (mod.rs, and edges.rs for the webhook and ingress families).
 METRICS_SOURCE = "src/metrics/"
+# Families written outside the /metrics registry: `cdcflow reconcile` writes its own to a
+# textfile or a Pushgateway.
+PUSHED_METRICS_SOURCES = ("src/cli/reconcile.rs",)
 PROMETHEUS_CONFIG = "deploy/prometheus/prometheus.yml"
 CONFIG_SCHEMA = "schemas/config.schema.json"
 SHOP_CONFIG = "examples/shop.toml"
@@ -82,10 +85,13 @@ class Problems:
 
 
 def declared_metric_families(root: Path) -> set[str]:
-    """The families of src/metrics/*.rs: every string literal that is a whole cdcflow_ name."""
+    """The families of src/metrics/*.rs and of the pushed metrics (PUSHED_METRICS_SOURCES):
+    every string literal that is a whole cdcflow_ name."""
+    paths = sorted((root / METRICS_SOURCE).glob("*.rs")) + [root / p for p in PUSHED_METRICS_SOURCES]
     return {
         name
-        for path in sorted((root / METRICS_SOURCE).glob("*.rs"))
+        for path in paths
+        if path.exists()
         for name in re.findall(r'"(cdcflow_[a-z0-9_]+)"', path.read_text())
     }
 
