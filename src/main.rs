@@ -82,6 +82,11 @@ enum Command {
         /// Keep state in memory only: nothing is read from or written to a state file.
         #[arg(long)]
         in_memory: bool,
+        /// Read the changed rows of this `[[poll]]` (PostgreSQL or SQLite) instead of input
+        /// files, up to the horizon, from the cursor saved in the state file, and save the
+        /// cursor there after each page.
+        #[arg(long, value_name = "NAME", conflicts_with = "inputs")]
+        poll: Option<String>,
     },
     /// Run the service: join the Kafka consumer group over the pipelines' topics, turn changes
     /// into business events, and publish them with the configured delivery guarantee
@@ -223,6 +228,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             inputs,
             state,
             in_memory,
+            poll,
         } => {
             // Two workers: the replay task, and the background state saves beside it.
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -230,7 +236,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
-            runtime.block_on(replay_command(config, inputs, state, in_memory))
+            runtime.block_on(replay_command(config, inputs, state, in_memory, poll))
         }
     }
 }
@@ -397,6 +403,7 @@ async fn replay_command(
     inputs: Vec<PathBuf>,
     state: Option<PathBuf>,
     in_memory: bool,
+    poll: Option<String>,
 ) -> anyhow::Result<()> {
     let config = Config::load(&config_path)?;
     config.require_pipelines()?;
@@ -408,11 +415,30 @@ async fn replay_command(
     };
     let started = Instant::now();
     let tally = if in_memory {
-        run_inputs(&pipelines, Arc::new(MemoryStore::new()), &inputs, options).await?
+        let store = Arc::new(MemoryStore::new());
+        match &poll {
+            Some(name) => {
+                cli::poll::replay_poll(&config, name, &pipelines, store, None, options).await?
+            }
+            None => run_inputs(&pipelines, store, &inputs, options).await?,
+        }
     } else {
         let path = state.unwrap_or_else(|| config.state.path.clone());
         let store = Arc::new(SqliteStore::open(&path).await?);
-        let tally = run_inputs(&pipelines, Arc::clone(&store), &inputs, options).await?;
+        let tally = match &poll {
+            Some(name) => {
+                cli::poll::replay_poll(
+                    &config,
+                    name,
+                    &pipelines,
+                    Arc::clone(&store),
+                    Some(store.as_ref()),
+                    options,
+                )
+                .await?
+            }
+            None => run_inputs(&pipelines, Arc::clone(&store), &inputs, options).await?,
+        };
         if let Ok(store) = Arc::try_unwrap(store) {
             store.close().await;
         }

@@ -15,8 +15,8 @@ pub struct PollConfig {
     /// Names the poll: its consumer group (`<group_id>.poll.<name>`), its transactional id,
     /// its cursor record and its metrics.
     pub name: String,
-    /// `postgres://user:password@host/database`; the password may come from
-    /// `database_url_env` instead.
+    /// `postgres://user:password@host/database`, or `sqlite://path/to/file.db`; the URL may
+    /// come from `database_url_env` instead.
     #[serde(default)]
     pub database_url: Option<String>,
     /// An environment variable holding the database URL.
@@ -25,7 +25,7 @@ pub struct PollConfig {
     /// `schema.table` or `table`.
     pub table: String,
     /// A timestamp column every insert and update sets (`updated_at`, set by `now()` or a
-    /// trigger).
+    /// trigger). In SQLite: Unix times or UTC date-times (`CURRENT_TIMESTAMP`).
     pub cursor_column: String,
     /// The primary key columns: ties on the cursor are broken by them, and they are the
     /// record's key (`{"id": 42}`).
@@ -185,7 +185,7 @@ pub(super) fn validate_polls(polls: &[PollConfig]) -> Result<(), ConfigError> {
             &at,
             poll.database_url.as_deref(),
             poll.database_url_env.as_deref(),
-            &["postgres://", "postgresql://"],
+            &["postgres://", "postgresql://", "sqlite:"],
         )?;
         if poll.key.is_empty() {
             return Err(invalid(

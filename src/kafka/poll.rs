@@ -121,6 +121,7 @@ pub async fn run_poll(
         .subscribe(&[cursors.as_str()])
         .map_err(kafka_error(format!("cannot subscribe to `{cursors}`")))?;
     let shape = RecordShape {
+        cursor_column: config.cursor_column.clone(),
         key: config.key.clone(),
         soft_delete_column: config.soft_delete_column.clone(),
     };

@@ -1,15 +1,18 @@
-//! The database side of a poll (sqlx, PostgreSQL): the column types, the horizon and one page
-//! of rows. The SQL itself is built in [`super::query`].
+//! The database side of a poll (sqlx, PostgreSQL or SQLite): the columns, the horizon and one
+//! page of rows. The SQL itself is built in [`super::query`].
 
 use std::collections::HashMap;
+use std::str::FromStr as _;
 use std::time::Duration;
 
 use serde_json::{Map, Value};
-use sqlx::Row;
 use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRow};
+use sqlx::{Column as _, Row, TypeInfo as _, ValueRef as _};
 use thiserror::Error;
 
-use super::query::{PollTable, quote_identifier};
+use super::clock;
+use super::query::{PollTable, SqlitePollTable, quote_identifier};
 use super::record::{Cursor, PolledRow};
 use crate::config::PollConfig;
 
@@ -34,11 +37,12 @@ pub enum PollError {
     },
 }
 
-/// The horizon of one poll: rows with a cursor below `at` are final.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The horizon of one poll: rows with a cursor below `at` are final. `None` when a SQLite
+/// table has no row yet.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Horizon {
-    /// As text of the cursor's type.
-    pub at: String,
+    /// PostgreSQL: text of the cursor's type; SQLite: a value like the column's.
+    pub at: Option<Value>,
     pub now_ms: i64,
     pub at_ms: i64,
 }
@@ -48,10 +52,25 @@ pub struct Horizon {
 #[derive(Debug, Clone)]
 pub struct PollDatabase {
     poll: String,
-    pool: PgPool,
-    horizon_sql: String,
-    first_sql: String,
-    resume_sql: String,
+    backend: Backend,
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Postgres {
+        pool: PgPool,
+        horizon_sql: String,
+        first_sql: String,
+        resume_sql: String,
+    },
+    Sqlite {
+        pool: SqlitePool,
+        latest_sql: String,
+        first_sql: String,
+        resume_sql: String,
+        cursor_column: String,
+        grace_ms: i64,
+    },
 }
 
 const CURSOR_TYPES: [&str; 3] = [
@@ -68,6 +87,9 @@ impl PollDatabase {
         let url = config
             .database_url()
             .ok_or_else(|| PollError::NoDatabase { poll: poll.clone() })?;
+        if url.starts_with("sqlite:") {
+            return connect_sqlite(config, &url).await;
+        }
         let database = |context| {
             let poll = poll.clone();
             move |source| PollError::Database {
@@ -134,24 +156,61 @@ impl PollDatabase {
             page_size: config.page_size,
         };
         Ok(PollDatabase {
-            horizon_sql: table.horizon_sql(config.grace.as_millis() as u64),
-            first_sql: table.page_sql(false),
-            resume_sql: table.page_sql(true),
+            backend: Backend::Postgres {
+                horizon_sql: table.horizon_sql(config.grace.as_millis() as u64),
+                first_sql: table.page_sql(false),
+                resume_sql: table.page_sql(true),
+                pool,
+            },
             poll,
-            pool,
         })
     }
 
     pub async fn horizon(&self) -> Result<Horizon, PollError> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(self.horizon_sql.clone()))
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|source| self.error("cannot read the horizon", source))?;
-        Ok(Horizon {
-            at: row.get(0),
-            now_ms: row.get(1),
-            at_ms: row.get(2),
-        })
+        match &self.backend {
+            Backend::Postgres {
+                pool, horizon_sql, ..
+            } => {
+                let row = sqlx::query(sqlx::AssertSqlSafe(horizon_sql.clone()))
+                    .fetch_one(pool)
+                    .await
+                    .map_err(|source| self.error("cannot read the horizon", source))?;
+                Ok(Horizon {
+                    at: Some(Value::from(row.get::<String, _>(0))),
+                    now_ms: row.get(1),
+                    at_ms: row.get(2),
+                })
+            }
+            Backend::Sqlite {
+                pool,
+                latest_sql,
+                grace_ms,
+                ..
+            } => {
+                let now_ms = crate::runtime::now_ms();
+                let at_ms = now_ms - grace_ms;
+                let latest = sqlx::query(sqlx::AssertSqlSafe(latest_sql.clone()))
+                    .fetch_optional(pool)
+                    .await
+                    .map_err(|source| self.error("cannot read the latest cursor", source))?;
+                let at = match latest {
+                    None => None,
+                    Some(row) => {
+                        let sample = sqlite_value(&row, 0).map_err(|source| {
+                            self.error("cannot read the latest cursor", source)
+                        })?;
+                        Some(clock::like(&sample, at_ms).ok_or_else(|| PollError::Table {
+                            poll: self.poll.clone(),
+                            detail: format!(
+                                "cursor_column holds {sample}, which is not a time: use Unix times \
+                                 (unixepoch()) or UTC date-times (CURRENT_TIMESTAMP)"
+                            ),
+                        })?)
+                    }
+                };
+                Ok(Horizon { at, now_ms, at_ms })
+            }
+        }
     }
 
     /// The rows after `after` and below `horizon`, in cursor and key order.
@@ -160,44 +219,114 @@ impl PollDatabase {
         horizon: &Horizon,
         after: Option<&Cursor>,
     ) -> Result<Vec<PolledRow>, PollError> {
-        let query = match after {
-            None => sqlx::query(sqlx::AssertSqlSafe(self.first_sql.clone())).bind(&horizon.at),
-            Some(cursor) => {
-                let mut query = sqlx::query(sqlx::AssertSqlSafe(self.resume_sql.clone()))
-                    .bind(&horizon.at)
-                    .bind(&cursor.cursor);
-                for value in &cursor.key {
-                    query = query.bind(value);
-                }
-                query
-            }
+        let Some(at) = &horizon.at else {
+            return Ok(Vec::new());
         };
-        let rows = query
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|source| self.error("cannot read a page", source))?;
-        rows.into_iter()
-            .map(|row| {
-                let text: String = row.get(0);
-                let cursor: String = row.get(1);
-                let image = serde_json::from_str::<Map<String, Value>>(&text).map_err(|error| {
-                    PollError::Row {
-                        poll: self.poll.clone(),
-                        cursor: cursor.clone(),
-                        detail: error.to_string(),
+        match &self.backend {
+            Backend::Postgres {
+                pool,
+                first_sql,
+                resume_sql,
+                ..
+            } => {
+                let at = at.as_str().unwrap_or_default().to_owned();
+                let query = match after {
+                    None => sqlx::query(sqlx::AssertSqlSafe(first_sql.clone())).bind(at),
+                    Some(cursor) => {
+                        let mut query = sqlx::query(sqlx::AssertSqlSafe(resume_sql.clone()))
+                            .bind(at)
+                            .bind(cursor.cursor.clone());
+                        for value in &cursor.key {
+                            query = query.bind(value.clone());
+                        }
+                        query
                     }
-                })?;
-                Ok(PolledRow {
-                    image,
-                    cursor,
-                    ts_ms: row.get(2),
-                })
-            })
-            .collect()
+                };
+                let rows = query
+                    .fetch_all(pool)
+                    .await
+                    .map_err(|source| self.error("cannot read a page", source))?;
+                rows.into_iter()
+                    .map(|row| {
+                        let text: String = row.get(0);
+                        let cursor: String = row.get(1);
+                        let image = serde_json::from_str::<Map<String, Value>>(&text)
+                            .map_err(|error| self.row_error(&cursor, error.to_string()))?;
+                        Ok(PolledRow {
+                            image,
+                            cursor,
+                            ts_ms: row.get(2),
+                        })
+                    })
+                    .collect()
+            }
+            Backend::Sqlite {
+                pool,
+                first_sql,
+                resume_sql,
+                cursor_column,
+                ..
+            } => {
+                let (sql, values): (&String, Vec<&Value>) = match after {
+                    None => (first_sql, vec![at]),
+                    Some(cursor) => (
+                        resume_sql,
+                        std::iter::once(at).chain(&cursor.typed).collect(),
+                    ),
+                };
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql.clone()));
+                for value in values {
+                    query = match value {
+                        Value::Number(number) => match number.as_i64() {
+                            Some(integer) => query.bind(integer),
+                            None => query.bind(number.as_f64().unwrap_or_default()),
+                        },
+                        Value::String(text) => query.bind(text.clone()),
+                        other => query.bind(other.to_string()),
+                    };
+                }
+                let rows = query
+                    .fetch_all(pool)
+                    .await
+                    .map_err(|source| self.error("cannot read a page", source))?;
+                rows.iter()
+                    .map(|row| self.sqlite_row(row, cursor_column))
+                    .collect()
+            }
+        }
+    }
+
+    fn sqlite_row(&self, row: &SqliteRow, cursor_column: &str) -> Result<PolledRow, PollError> {
+        let mut image = Map::new();
+        for (index, column) in row.columns().iter().enumerate() {
+            let value = sqlite_value(row, index)
+                .map_err(|source| self.error("cannot read a row", source))?;
+            image.insert(column.name().to_owned(), value);
+        }
+        let cursor = image.get(cursor_column).cloned().unwrap_or(Value::Null);
+        Ok(PolledRow {
+            cursor: match &cursor {
+                Value::String(text) => text.clone(),
+                other => other.to_string(),
+            },
+            ts_ms: clock::epoch_ms(&cursor),
+            image,
+        })
     }
 
     pub async fn close(&self) {
-        self.pool.close().await;
+        match &self.backend {
+            Backend::Postgres { pool, .. } => pool.close().await,
+            Backend::Sqlite { pool, .. } => pool.close().await,
+        }
+    }
+
+    fn row_error(&self, cursor: &str, detail: String) -> PollError {
+        PollError::Row {
+            poll: self.poll.clone(),
+            cursor: cursor.to_owned(),
+            detail,
+        }
     }
 
     fn error(&self, context: &'static str, source: sqlx::Error) -> PollError {
@@ -207,4 +336,101 @@ impl PollDatabase {
             source,
         }
     }
+}
+
+/// One column of a SQLite row as JSON, by the value's own storage class (SQLite's columns are
+/// typed per value): integers, reals, text, and blobs as hex text.
+fn sqlite_value(row: &SqliteRow, index: usize) -> Result<Value, sqlx::Error> {
+    let raw = row.try_get_raw(index)?;
+    if raw.is_null() {
+        return Ok(Value::Null);
+    }
+    let class = raw.type_info().name().to_owned();
+    Ok(match class.as_str() {
+        "INTEGER" => Value::from(row.try_get_unchecked::<i64, _>(index)?),
+        "REAL" => Value::from(row.try_get_unchecked::<f64, _>(index)?),
+        "BLOB" => Value::from(
+            row.try_get_unchecked::<Vec<u8>, _>(index)?
+                .iter()
+                .map(|byte| format!("{byte:02x}"))
+                .collect::<String>(),
+        ),
+        _ => Value::from(row.try_get_unchecked::<String, _>(index)?),
+    })
+}
+
+async fn connect_sqlite(config: &PollConfig, url: &str) -> Result<PollDatabase, PollError> {
+    let poll = config.name.clone();
+    let database = |context| {
+        let poll = poll.clone();
+        move |source| PollError::Database {
+            poll,
+            context,
+            source,
+        }
+    };
+    let options = SqliteConnectOptions::from_str(url)
+        .map_err(database("the SQLite URL is invalid"))?
+        .busy_timeout(Duration::from_secs(5));
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+        .map_err(database("cannot open the SQLite database"))?;
+    let (schema, table) = config
+        .table
+        .split_once('.')
+        .unwrap_or(("main", config.table.as_str()));
+    let columns: Vec<String> = sqlx::query("SELECT name FROM pragma_table_info(?1, ?2)")
+        .bind(table)
+        .bind(schema)
+        .fetch_all(&pool)
+        .await
+        .map_err(database("cannot read the table's columns"))?
+        .iter()
+        .map(|row| row.get::<String, _>(0))
+        .collect();
+    let table_error = |detail: String| PollError::Table {
+        poll: poll.clone(),
+        detail,
+    };
+    if columns.is_empty() {
+        return Err(table_error(format!(
+            "table `{}` does not exist in {url}",
+            config.table
+        )));
+    }
+    let named = std::iter::once(("cursor_column", &config.cursor_column))
+        .chain(config.key.iter().map(|column| ("key", column)))
+        .chain(
+            config
+                .soft_delete_column
+                .iter()
+                .map(|column| ("soft_delete_column", column)),
+        );
+    for (key, column) in named {
+        if !columns.contains(column) {
+            return Err(table_error(format!(
+                "{key}: table `{}` has no column `{column}`",
+                config.table
+            )));
+        }
+    }
+    let table = SqlitePollTable {
+        table: config.table.clone(),
+        cursor: config.cursor_column.clone(),
+        key: config.key.clone(),
+        page_size: config.page_size,
+    };
+    Ok(PollDatabase {
+        backend: Backend::Sqlite {
+            latest_sql: table.latest_sql(),
+            first_sql: table.page_sql(false),
+            resume_sql: table.page_sql(true),
+            cursor_column: config.cursor_column.clone(),
+            grace_ms: config.grace.as_millis() as i64,
+            pool,
+        },
+        poll,
+    })
 }

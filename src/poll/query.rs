@@ -89,6 +89,56 @@ impl PollTable {
     }
 }
 
+/// The SQL of a SQLite poll. SQLite has no view of open transactions, and needs none: it lets
+/// one writer at a time commit, so rows stamped while writing (a trigger, `CURRENT_TIMESTAMP`,
+/// `unixepoch()`) commit in cursor order. The horizon is `now()` less the grace period, which
+/// covers ties within the column's resolution (a second for `CURRENT_TIMESTAMP`) and a stamp
+/// taken a moment before the write lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqlitePollTable {
+    pub table: String,
+    pub cursor: String,
+    pub key: Vec<String>,
+    pub page_size: usize,
+}
+
+impl SqlitePollTable {
+    /// The latest cursor value: the horizon is written like it.
+    pub fn latest_sql(&self) -> String {
+        let cursor = quote_identifier(&self.cursor);
+        format!(
+            "SELECT {cursor} FROM {} WHERE {cursor} IS NOT NULL ORDER BY {cursor} DESC LIMIT 1",
+            quote_identifier(&self.table)
+        )
+    }
+
+    /// The page after the cursor and below the horizon: `?1` the horizon, then, when
+    /// `resume`, the cursor value and the key values of the last row read.
+    pub fn page_sql(&self, resume: bool) -> String {
+        let columns: Vec<String> = std::iter::once(&self.cursor)
+            .chain(&self.key)
+            .map(|name| quote_identifier(name))
+            .collect();
+        let mut condition = format!("{} < ?1", columns[0]);
+        if resume {
+            let parameters: Vec<String> = (0..columns.len())
+                .map(|index| format!("?{}", index + 2))
+                .collect();
+            condition.push_str(&format!(
+                " AND ({}) > ({})",
+                columns.join(", "),
+                parameters.join(", ")
+            ));
+        }
+        format!(
+            "SELECT * FROM {} WHERE {condition} ORDER BY {} LIMIT {}",
+            quote_identifier(&self.table),
+            columns.join(", "),
+            self.page_size
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,6 +176,31 @@ mod tests {
             "{sql}"
         );
         assert!(sql.ends_with("ORDER BY t.\"updated_at\", t.\"id\", t.\"line\" LIMIT 500"));
+    }
+
+    #[test]
+    fn a_sqlite_page_uses_row_values_below_the_horizon() {
+        let table = SqlitePollTable {
+            table: "orders".to_owned(),
+            cursor: "updated_at".to_owned(),
+            key: vec!["id".to_owned()],
+            page_size: 100,
+        };
+        assert_eq!(
+            table.page_sql(true),
+            "SELECT * FROM \"orders\" WHERE \"updated_at\" < ?1 AND (\"updated_at\", \"id\") > \
+             (?2, ?3) ORDER BY \"updated_at\", \"id\" LIMIT 100"
+        );
+        assert!(
+            table
+                .page_sql(false)
+                .contains("WHERE \"updated_at\" < ?1 ORDER BY")
+        );
+        assert!(
+            table
+                .latest_sql()
+                .ends_with("ORDER BY \"updated_at\" DESC LIMIT 1")
+        );
     }
 
     #[test]

@@ -21,13 +21,17 @@ pub struct PolledRow {
 
 /// Where a poll resumes: after this cursor value and, among rows that share it, after these
 /// key values (as text, in key order).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Cursor {
     pub cursor: String,
     pub key: Vec<String>,
     /// The cursor as epoch milliseconds (for the lag metric).
     #[serde(default)]
     pub ts_ms: Option<i64>,
+    /// The cursor and key values as the row holds them (SQLite compares by storage class, so
+    /// a resume binds them typed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub typed: Vec<Value>,
 }
 
 /// A row that cannot be written as a record.
@@ -42,13 +46,14 @@ pub enum RecordError {
 /// How rows become records.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordShape {
+    pub cursor_column: String,
     pub key: Vec<String>,
     /// A row where this column is non-null and not `false` is a delete.
     pub soft_delete_column: Option<String>,
 }
 
 /// A record ready to write.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PolledRecord {
     pub key: Vec<u8>,
     pub value: Vec<u8>,
@@ -62,6 +67,12 @@ impl RecordShape {
     pub fn record(&self, row: PolledRow) -> Result<PolledRecord, RecordError> {
         let mut key = Map::new();
         let mut key_text = Vec::with_capacity(self.key.len());
+        let mut typed = vec![
+            row.image
+                .get(&self.cursor_column)
+                .cloned()
+                .unwrap_or(Value::Null),
+        ];
         for column in &self.key {
             match row.image.get(column) {
                 Some(value) if !value.is_null() => {
@@ -70,6 +81,7 @@ impl RecordShape {
                         other => other.to_string(),
                     });
                     key.insert(column.clone(), value.clone());
+                    typed.push(value.clone());
                 }
                 _ => {
                     return Err(RecordError::MissingKey {
@@ -107,6 +119,7 @@ impl RecordShape {
                 cursor: row.cursor,
                 key: key_text,
                 ts_ms: row.ts_ms,
+                typed,
             },
         })
     }
@@ -127,6 +140,7 @@ mod tests {
 
     fn shape() -> RecordShape {
         RecordShape {
+            cursor_column: "updated_at".to_owned(),
             key: vec!["id".to_owned()],
             soft_delete_column: Some("deleted_at".to_owned()),
         }
@@ -148,6 +162,7 @@ mod tests {
                 cursor: "2026-11-30 12:00:00+00".to_owned(),
                 key: vec!["7".to_owned()],
                 ts_ms: Some(1_796_040_000_000),
+                typed: vec![Value::Null, json!(7)],
             }
         );
     }

@@ -36,6 +36,12 @@ const CHECKPOINT_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS changelog_checkpoint
     PRIMARY KEY (topic, partition)
 )";
 
+/// Where `cdcflow replay --poll` resumes each poll: saved after the state of the rows it read.
+const POLL_CURSOR_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS poll_cursor (
+    poll TEXT PRIMARY KEY,
+    cursor TEXT NOT NULL
+)";
+
 /// An SQLite-backed [`StateStore`].
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -95,7 +101,7 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(open_error)?;
-        for statement in [SCHEMA, CHECKPOINT_SCHEMA] {
+        for statement in [SCHEMA, CHECKPOINT_SCHEMA, POLL_CURSOR_SCHEMA] {
             sqlx::query(statement)
                 .execute(&pool)
                 .await
@@ -172,6 +178,30 @@ impl SqliteStore {
     }
 
     /// How many entity rows the store holds, across pipelines.
+    /// The cursor `cdcflow replay --poll` saved for `poll` (JSON), if any.
+    pub async fn poll_cursor(&self, poll: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT cursor FROM poll_cursor WHERE poll = ?")
+            .bind(poll)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StoreError::Unavailable)?;
+        row.map(|row| row.try_get(0).map_err(StoreError::Unavailable))
+            .transpose()
+    }
+
+    pub async fn save_poll_cursor(&self, poll: &str, cursor: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO poll_cursor (poll, cursor) VALUES (?, ?) \
+             ON CONFLICT (poll) DO UPDATE SET cursor = excluded.cursor",
+        )
+        .bind(poll)
+        .bind(cursor)
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::Unavailable)?;
+        Ok(())
+    }
+
     /// Every entity key of `pipeline` (for a reconciliation).
     pub async fn entities(&self, pipeline: &str) -> Result<Vec<String>, StoreError> {
         let rows = sqlx::query("SELECT entity FROM entity_state WHERE pipeline = ?")
