@@ -271,6 +271,20 @@ fn polling_sees_every_row_once_through_long_transactions_and_an_owner_killed() {
                 .all(|(id, version)| seen.contains_key(&(id.clone(), *version)))
         },
     );
+    // The poll itself wrote each row version once: rows and cursor commit together, and the
+    // new owner resumed from the cursor the dead one committed.
+    let mut polled: BTreeMap<(String, i64), usize> = BTreeMap::new();
+    for record in read_topic(&format!("{prefix}orders"), "read_committed", 500) {
+        let row = record.json();
+        *polled
+            .entry((row["id"].to_string(), row["version"].as_i64().unwrap()))
+            .or_default() += 1;
+    }
+    let repeated: Vec<_> = polled.iter().filter(|(_, count)| **count > 1).collect();
+    assert!(
+        repeated.is_empty(),
+        "rows the poll wrote twice: {repeated:?}"
+    );
     let twice: Vec<_> = seen.iter().filter(|(_, count)| **count > 1).collect();
     assert!(twice.is_empty(), "events emitted twice: {twice:?}");
     let entities: BTreeSet<&String> = seen.keys().map(|(id, _)| id).collect();

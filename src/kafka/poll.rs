@@ -35,8 +35,9 @@ pub enum PollRunError {
     Kafka(#[from] ServiceError),
     #[error(transparent)]
     Database(#[from] PollError),
-    #[error("poll `{poll}`: {source}")]
+    #[error("poll `{poll}` of table `{table}`: {source}")]
     Record {
+        table: String,
         poll: String,
         #[source]
         source: RecordError,
@@ -45,6 +46,17 @@ pub enum PollRunError {
         "poll `{poll}`: the cursor record in `{topic}` is unreadable ({detail}); delete it to poll from the start"
     )]
     Cursor {
+        poll: String,
+        topic: String,
+        detail: String,
+    },
+    #[error("poll `{poll}`: cannot write a page to Kafka: {reason}")]
+    Write { poll: String, reason: String },
+    #[error(
+        "poll `{poll}`: the cursor topic `{topic}` could not be read to its end ({detail}); \
+         retrying, since resuming from an older cursor would repeat rows"
+    )]
+    CursorUnread {
         poll: String,
         topic: String,
         detail: String,
@@ -103,7 +115,23 @@ pub async fn run_poll(
     let name = config.name.as_str();
     let metrics = &run.metrics;
     metrics.zero(name);
-    let database = PollDatabase::connect(config).await?;
+    tokio::pin!(shutdown);
+    // A database that is down at start is waited for (continuously); a table or column that
+    // is not there is a config error and stops.
+    let database = loop {
+        match PollDatabase::connect(config).await {
+            Ok(database) => break database,
+            Err(error @ PollError::Database { .. }) if !run.once => {
+                metrics.polls.with_label_values(&[name, "error"]).inc();
+                tracing::warn!(poll = name, %error, "cannot reach the database; retrying");
+                tokio::select! {
+                    () = &mut shutdown => return Ok(PollSummary::default()),
+                    () = tokio::time::sleep(config.max_interval) => {}
+                }
+            }
+            Err(error) => return Err(error.into()),
+        }
+    };
     if config.soft_delete_column.is_none() {
         tracing::warn!(
             poll = name,
@@ -137,7 +165,6 @@ pub async fn run_poll(
     let started = tokio::time::Instant::now();
     let mut next_poll = tokio::time::Instant::now();
     tracing::info!(poll = name, %group, %topic, "poll started");
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
@@ -166,13 +193,31 @@ pub async fn run_poll(
             continue;
         }
         if owner.is_none() {
-            owner = Some(take_over(kafka, name, &cursors).await?);
-            metrics.owner.with_label_values(&[name]).set(1);
+            match take_over(kafka, name, &cursors).await {
+                Ok(taken) => {
+                    owner = Some(taken);
+                    metrics.owner.with_label_values(&[name]).set(1);
+                }
+                Err(error @ PollRunError::Cursor { .. }) => return Err(error),
+                Err(error) if run.once => return Err(error),
+                Err(error) => {
+                    metrics.polls.with_label_values(&[name, "error"]).inc();
+                    tracing::warn!(poll = name, %error, "cannot take the poll over; retrying");
+                    next_poll = tokio::time::Instant::now() + interval.jittered(jitter.fraction());
+                    continue;
+                }
+            }
         }
         let Some(current) = owner.as_mut() else {
             continue;
         };
-        let result = poll_once(&database, current, &shape, &topic, &cursors, name, metrics).await;
+        let target = Target {
+            name,
+            table: &config.table,
+            topic: &topic,
+            cursors: &cursors,
+        };
+        let result = poll_once(&database, current, &shape, &target, metrics).await;
         summary.polls += 1;
         let outcome = match result {
             Ok(rows) => {
@@ -191,6 +236,12 @@ pub async fn run_poll(
                 metrics.polls.with_label_values(&[name, "error"]).inc();
                 tracing::warn!(poll = name, %error, "poll failed; retrying after the interval");
                 PollResult::Empty
+            }
+            Err(Failure::Kafka(reason)) if run.once => {
+                return Err(PollRunError::Write {
+                    poll: name.to_owned(),
+                    reason,
+                });
             }
             Err(Failure::Kafka(reason)) => {
                 metrics.polls.with_label_values(&[name, "error"]).inc();
@@ -251,7 +302,7 @@ async fn take_over(kafka: &KafkaConfig, name: &str, cursors: &str) -> Result<Own
             "cannot initialise transactions of `{transactional_id}`"
         )))?;
     let (kafka, topic, key) = (kafka.clone(), cursors.to_owned(), name.to_owned());
-    let last = tokio::task::spawn_blocking(move || {
+    let (last, summary) = tokio::task::spawn_blocking(move || {
         let mut last = None;
         tools::read_topics(&kafka, std::slice::from_ref(&topic), |record| {
             if record.key.as_deref() == Some(key.as_bytes()) {
@@ -259,10 +310,23 @@ async fn take_over(kafka: &KafkaConfig, name: &str, cursors: &str) -> Result<Own
             }
             ControlFlow::Continue(())
         })
-        .map(|_| last)
+        .map(|summary| (last, summary))
     })
     .await
     .map_err(|error| ServiceError::Webhook(format!("reading the cursor panicked: {error}")))??;
+    // A cursor read short of the end (another poll's transaction open on the shared topic, or
+    // the topic missing) would resume from an older cursor: try again later instead.
+    if !summary.incomplete.is_empty() || !summary.missing_topics.is_empty() {
+        return Err(PollRunError::CursorUnread {
+            poll: name.to_owned(),
+            topic: cursors.to_owned(),
+            detail: if summary.missing_topics.is_empty() {
+                format!("{:?} not read to the end", summary.incomplete)
+            } else {
+                "the topic does not exist".to_owned()
+            },
+        });
+    }
     let cursor = match last.filter(|value| !value.is_empty()) {
         None => None,
         Some(value) => Some(serde_json::from_slice::<Cursor>(&value).map_err(|error| {
@@ -279,15 +343,27 @@ async fn take_over(kafka: &KafkaConfig, name: &str, cursors: &str) -> Result<Own
 
 /// One poll: reads a page below the horizon and writes it with the cursor after it, in one
 /// transaction. Returns the rows written.
+/// What a poll writes where.
+struct Target<'a> {
+    name: &'a str,
+    table: &'a str,
+    topic: &'a str,
+    cursors: &'a str,
+}
+
 async fn poll_once(
     database: &PollDatabase,
     owner: &mut Owner,
     shape: &RecordShape,
-    topic: &str,
-    cursors: &str,
-    name: &str,
+    target: &Target<'_>,
     metrics: &PollMetrics,
 ) -> Result<usize, Failure> {
+    let Target {
+        name,
+        table,
+        topic,
+        cursors,
+    } = *target;
     let horizon = database.horizon().await.map_err(Failure::Database)?;
     metrics
         .horizon_lag_seconds
@@ -306,6 +382,7 @@ async fn poll_once(
     for row in rows {
         records.push(shape.record(row).map_err(|source| {
             Failure::Stop(PollRunError::Record {
+                table: table.to_owned(),
                 poll: name.to_owned(),
                 source,
             })

@@ -1,6 +1,6 @@
 //! Times in the representation of a SQLite cursor column. SQLite has no time type: a column
 //! holds Unix times (`unixepoch()`, in seconds, milliseconds or microseconds) or UTC text
-//! (`CURRENT_TIMESTAMP`, `strftime('%Y-%m-%d %H:%M:%f')`, RFC 3339). The horizon of a SQLite
+//! (`CURRENT_TIMESTAMP`, `strftime('%Y-%m-%d %H:%M:%f')`, RFC 3339 in UTC). The horizon of a SQLite
 //! poll is written like the column's latest value, so that SQLite compares like with like.
 //! Pure.
 
@@ -84,6 +84,10 @@ fn parse_text(text: &str) -> Option<TextShape> {
     } else {
         0
     }..];
+    // The horizon is written in UTC with the sample's suffix: another offset would shift it.
+    if !matches!(suffix, "" | "Z" | "z" | "+00:00") {
+        return None;
+    }
     // Without a zone, SQLite's times are UTC.
     let normalised = if suffix.is_empty() {
         format!("{}T{}Z", &text[..10], &text[11..])
@@ -132,6 +136,12 @@ mod tests {
         );
         assert_eq!(epoch_ms(&json!("2026-11-30 12:00:00.123")), Some(AT));
         assert_eq!(like(&json!("yesterday"), AT), None);
+        assert_eq!(
+            like(&json!("2025-01-02T03:04:05-05:00"), AT),
+            None,
+            "UTC only"
+        );
+        assert!(like(&json!("2025-01-02T03:04:05+00:00"), AT).is_some());
         assert_eq!(like(&json!(true), AT), None);
     }
 

@@ -69,15 +69,15 @@ enum Backend {
         first_sql: String,
         resume_sql: String,
         cursor_column: String,
+        /// The cursor and key columns, whose values a resume binds.
+        resume_columns: Vec<String>,
         grace_ms: i64,
     },
 }
 
-const CURSOR_TYPES: [&str; 3] = [
-    "timestamp with time zone",
-    "timestamp without time zone",
-    "date",
-];
+/// A `timestamp without time zone` (or a `date`) is refused: its value depends on each
+/// writer's session TimeZone, which the poll's horizon cannot know.
+const CURSOR_TYPES: [&str; 1] = ["timestamp with time zone"];
 
 impl PollDatabase {
     /// Connects and checks the table: the cursor and key columns exist, and the cursor is a
@@ -105,7 +105,7 @@ impl PollDatabase {
             .await
             .map_err(database("cannot connect to the database"))?;
         let columns: HashMap<String, String> = sqlx::query(
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+            "SELECT a.attname::text, format_type(a.atttypid, NULL) FROM pg_attribute a \
              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
         )
         .bind(quote_identifier(&config.table))
@@ -136,9 +136,10 @@ impl PollDatabase {
         let cursor_type = type_of(&config.cursor_column, "cursor_column")?;
         if !CURSOR_TYPES.contains(&cursor_type.as_str()) {
             return Err(table_error(format!(
-                "cursor_column: `{}` is a {cursor_type}; it must be a timestamp set on every \
+                "cursor_column: `{}` is a {cursor_type}; it must be a timestamptz set on every \
                  insert and update (`updated_at`), which the poll compares with the start of \
-                 open transactions",
+                 open transactions (for a timestamp without time zone, poll a view that \
+                 converts it: `updated_at AT TIME ZONE 'UTC' AS updated_at`)",
                 config.cursor_column
             )));
         }
@@ -196,7 +197,7 @@ impl PollDatabase {
                 let at = match latest {
                     None => None,
                     Some(row) => {
-                        let sample = sqlite_value(&row, 0).map_err(|source| {
+                        let (sample, _) = sqlite_value(&row, 0).map_err(|source| {
                             self.error("cannot read the latest cursor", source)
                         })?;
                         Some(clock::like(&sample, at_ms).ok_or_else(|| PollError::Table {
@@ -265,6 +266,7 @@ impl PollDatabase {
                 first_sql,
                 resume_sql,
                 cursor_column,
+                resume_columns,
                 ..
             } => {
                 let (sql, values): (&String, Vec<&Value>) = match after {
@@ -290,17 +292,34 @@ impl PollDatabase {
                     .await
                     .map_err(|source| self.error("cannot read a page", source))?;
                 rows.iter()
-                    .map(|row| self.sqlite_row(row, cursor_column))
+                    .map(|row| self.sqlite_row(row, cursor_column, resume_columns))
                     .collect()
             }
         }
     }
 
-    fn sqlite_row(&self, row: &SqliteRow, cursor_column: &str) -> Result<PolledRow, PollError> {
+    fn sqlite_row(
+        &self,
+        row: &SqliteRow,
+        cursor_column: &str,
+        resume_columns: &[String],
+    ) -> Result<PolledRow, PollError> {
         let mut image = Map::new();
         for (index, column) in row.columns().iter().enumerate() {
-            let value = sqlite_value(row, index)
+            let (value, blob) = sqlite_value(row, index)
                 .map_err(|source| self.error("cannot read a row", source))?;
+            // A resume binds these values back, and a blob read as hex text would no longer
+            // compare as the blob: SQLite orders every text before every blob.
+            if blob && resume_columns.iter().any(|name| name == column.name()) {
+                return Err(PollError::Table {
+                    poll: self.poll.clone(),
+                    detail: format!(
+                        "column `{}` holds a BLOB, which cannot be a cursor or key column; poll \
+                         a view that converts it (`hex({0}) AS {0}`)",
+                        column.name()
+                    ),
+                });
+            }
             image.insert(column.name().to_owned(), value);
         }
         let cursor = image.get(cursor_column).cloned().unwrap_or(Value::Null);
@@ -339,24 +358,28 @@ impl PollDatabase {
 }
 
 /// One column of a SQLite row as JSON, by the value's own storage class (SQLite's columns are
-/// typed per value): integers, reals, text, and blobs as hex text.
-fn sqlite_value(row: &SqliteRow, index: usize) -> Result<Value, sqlx::Error> {
+/// typed per value): integers, reals, text, and blobs as hex text (flagged).
+fn sqlite_value(row: &SqliteRow, index: usize) -> Result<(Value, bool), sqlx::Error> {
     let raw = row.try_get_raw(index)?;
     if raw.is_null() {
-        return Ok(Value::Null);
+        return Ok((Value::Null, false));
     }
     let class = raw.type_info().name().to_owned();
-    Ok(match class.as_str() {
-        "INTEGER" => Value::from(row.try_get_unchecked::<i64, _>(index)?),
-        "REAL" => Value::from(row.try_get_unchecked::<f64, _>(index)?),
-        "BLOB" => Value::from(
-            row.try_get_unchecked::<Vec<u8>, _>(index)?
-                .iter()
-                .map(|byte| format!("{byte:02x}"))
-                .collect::<String>(),
-        ),
-        _ => Value::from(row.try_get_unchecked::<String, _>(index)?),
-    })
+    let blob = class == "BLOB";
+    Ok((
+        match class.as_str() {
+            "INTEGER" => Value::from(row.try_get_unchecked::<i64, _>(index)?),
+            "REAL" => Value::from(row.try_get_unchecked::<f64, _>(index)?),
+            "BLOB" => Value::from(
+                row.try_get_unchecked::<Vec<u8>, _>(index)?
+                    .iter()
+                    .map(|byte| format!("{byte:02x}"))
+                    .collect::<String>(),
+            ),
+            _ => Value::from(row.try_get_unchecked::<String, _>(index)?),
+        },
+        blob,
+    ))
 }
 
 async fn connect_sqlite(config: &PollConfig, url: &str) -> Result<PollDatabase, PollError> {
@@ -428,6 +451,10 @@ async fn connect_sqlite(config: &PollConfig, url: &str) -> Result<PollDatabase, 
             first_sql: table.page_sql(false),
             resume_sql: table.page_sql(true),
             cursor_column: config.cursor_column.clone(),
+            resume_columns: std::iter::once(&config.cursor_column)
+                .chain(&config.key)
+                .cloned()
+                .collect(),
             grace_ms: config.grace.as_millis() as i64,
             pool,
         },

@@ -73,14 +73,16 @@ impl PollTable {
     /// session's, written yet or not: one that has not written yet may still write rows
     /// stamped with its start), or now less `grace`, whichever is earlier. Returns the
     /// horizon as text of the cursor's type, then `now()` and the horizon as epoch
-    /// milliseconds. `pg_stat_activity` shows other roles' transactions to a role with
-    /// `pg_read_all_stats` (or a superuser); without it only the grace period protects.
+    /// milliseconds. The horizon is truncated to the millisecond, so that the rows of one
+    /// millisecond (one `__source_ts_ms`) are read in one poll. `pg_stat_activity` shows
+    /// other roles' transactions to a role with `pg_read_all_stats` (or a superuser); without
+    /// it only the grace period protects.
     pub fn horizon_sql(&self, grace_ms: u64) -> String {
         format!(
-            "WITH h AS (SELECT LEAST(now() - interval '{grace_ms} milliseconds', \
-             COALESCE((SELECT min(xact_start) FROM pg_stat_activity \
+            "WITH h AS (SELECT date_trunc('milliseconds', LEAST(now() - interval '{grace_ms} \
+             milliseconds', COALESCE((SELECT min(xact_start) FROM pg_stat_activity \
              WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid() \
-             AND datname = current_database() AND backend_type = 'client backend'), now())) \
+             AND datname = current_database() AND backend_type = 'client backend'), now()))) \
              AS at) \
              SELECT at::{}::text, floor(extract(epoch FROM now()) * 1000)::bigint, \
              floor(extract(epoch FROM at) * 1000)::bigint FROM h",

@@ -37,9 +37,15 @@ pub struct Cursor {
 /// A row that cannot be written as a record.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum RecordError {
-    #[error("row at cursor `{cursor}` has no key column `{column}` (or it is null)")]
+    #[error(
+        "the row at cursor `{cursor}` has no key column `{column}` (or it is null): name the \
+         table's primary key in `key` (its columns are NOT NULL)"
+    )]
     MissingKey { cursor: String, column: String },
-    #[error("row at cursor `{cursor}` has a column named `{column}`, which cdcflow writes itself")]
+    #[error(
+        "the row at cursor `{cursor}` has a column named `{column}`, which cdcflow writes \
+         itself: poll a view that renames it"
+    )]
     ReservedColumn { cursor: String, column: String },
 }
 

@@ -79,7 +79,8 @@ impl Report {
     }
 }
 
-/// Compares states and source rows, each sorted by key (a merge join: memory stays flat).
+/// Compares states and source rows, each sorted by key (a merge join over the two iterators;
+/// `cdcflow reconcile` holds both sides in memory to sort them).
 /// Columns in `ignore` are left out of the image comparison.
 pub fn compare(
     states: impl IntoIterator<Item = (String, EntityState)>,

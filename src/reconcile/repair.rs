@@ -64,7 +64,16 @@ pub fn repair(
                 }
             }
             Divergence::Extra { key: entity, .. } => {
-                repair.records.push(delete(entity, key, flattened, ts_ms));
+                // The key fields as the stored image holds them (a text key stays text).
+                let stored = states
+                    .get(entity)
+                    .and_then(|state| state.image.as_deref())
+                    .and_then(|image| serde_json::from_str::<Map<String, Value>>(image).ok())
+                    .map(|image| key_of(&image, key))
+                    .filter(|fields| fields.len() == key.len());
+                repair
+                    .records
+                    .push(delete(entity, stored, key, flattened, ts_ms));
             }
             Divergence::Image {
                 key: entity,
@@ -108,9 +117,16 @@ fn read(row: &SourceRow, key: &[String], flattened: bool, ts_ms: i64) -> (Vec<u8
 }
 
 /// A delete for an entity the source no longer has: its key fields alone, so that the gate
-/// orders it after the stored version (a versionless delete).
-fn delete(entity: &str, key: &[String], flattened: bool, ts_ms: i64) -> (Vec<u8>, Vec<u8>) {
-    let fields: Map<String, Value> = match key {
+/// orders it after the stored version (a versionless delete). The fields come from the stored
+/// image, else from the entity's canonical key.
+fn delete(
+    entity: &str,
+    stored: Option<Map<String, Value>>,
+    key: &[String],
+    flattened: bool,
+    ts_ms: i64,
+) -> (Vec<u8>, Vec<u8>) {
+    let fields: Map<String, Value> = stored.unwrap_or_else(|| match key {
         [single] => {
             let value = serde_json::from_str::<Value>(entity)
                 .ok()
@@ -119,7 +135,7 @@ fn delete(entity: &str, key: &[String], flattened: bool, ts_ms: i64) -> (Vec<u8>
             Map::from_iter([(single.clone(), value)])
         }
         _ => serde_json::from_str(entity).unwrap_or_default(),
-    };
+    });
     let value = if flattened {
         let mut value = fields.clone();
         value.insert("__deleted".to_owned(), Value::from("true"));

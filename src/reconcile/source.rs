@@ -28,6 +28,11 @@ pub enum SourceError {
     Row(String),
     #[error("a row of the query lacks key column `{column}`: {row}")]
     Key { column: String, row: String },
+    #[error(
+        "the query returns entity `{0}` twice: it must return one row per key (a join? add \
+         the missing key columns to `key`)"
+    )]
+    DuplicateKey(String),
     #[error("row `{key}`: {source}")]
     Version {
         key: String,
@@ -94,14 +99,17 @@ pub async fn read_rows(
                     key: key.clone(),
                     source,
                 })?;
-        rows.insert(
+        let duplicate = rows.insert(
             key.clone(),
             SourceRow {
-                key,
+                key: key.clone(),
                 version,
                 image,
             },
         );
+        if duplicate.is_some() {
+            return Err(SourceError::DuplicateKey(key));
+        }
     }
     Ok(rows)
 }

@@ -177,7 +177,6 @@ impl SqliteStore {
         })
     }
 
-    /// How many entity rows the store holds, across pipelines.
     /// The cursor `cdcflow replay --poll` saved for `poll` (JSON), if any.
     pub async fn poll_cursor(&self, poll: &str) -> Result<Option<String>, StoreError> {
         let row = sqlx::query("SELECT cursor FROM poll_cursor WHERE poll = ?")
@@ -214,6 +213,7 @@ impl SqliteStore {
             .collect()
     }
 
+    /// How many entity rows the store holds, across pipelines.
     pub async fn count(&self) -> Result<i64, StoreError> {
         let row = sqlx::query("SELECT COUNT(*) FROM entity_state")
             .fetch_one(&self.pool)
