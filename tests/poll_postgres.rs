@@ -299,3 +299,45 @@ fn polling_sees_every_row_once_through_long_transactions_and_an_owner_killed() {
     );
     assert_eq!(second.stop(Duration::from_secs(30)).code(), Some(0));
 }
+
+#[test]
+fn poll_once_writes_up_to_the_horizon_and_exits_and_a_second_run_writes_nothing() {
+    let prefix = format!("{}.", unique("poll-once"));
+    let database = sql_name("poll_once");
+    let url = empty_postgres_database(&database);
+    psql(
+        &database,
+        "CREATE TABLE orders (id bigint PRIMARY KEY, status text NOT NULL, \
+         version bigint NOT NULL, updated_at timestamptz NOT NULL DEFAULT now()); \
+         INSERT INTO orders (id, status, version, updated_at) \
+         SELECT g, 'new', 1, now() - interval '1 hour' FROM generate_series(1, 250) g;",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("once");
+    write_config(&base, &prefix, &url, "once");
+    let config = base.with_extension("once.toml");
+    let once = || {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_cdcflow"))
+            .args(["poll", "--once", "--config"])
+            .arg(&config)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(output.status.success(), "{stderr}");
+        stderr
+    };
+    let first = once();
+    assert!(
+        first.contains("poll `orders`: 250 rows written in 3 polls"),
+        "{first}"
+    );
+    let second = once();
+    assert!(second.contains("poll `orders`: 0 rows written"), "{second}");
+    let records = read_topic(&format!("{prefix}orders"), "read_committed", 500);
+    let ids: BTreeSet<String> = records
+        .iter()
+        .map(|record| record.json()["id"].to_string())
+        .collect();
+    assert_eq!((records.len(), ids.len()), (250, 250));
+}

@@ -256,6 +256,11 @@ pub async fn run_poll(
             break;
         }
         interval.after(outcome);
+        if run.once && outcome == PollResult::FullPage {
+            // A backfill reads its pages back to back.
+            next_poll = tokio::time::Instant::now();
+            continue;
+        }
         metrics
             .interval_seconds
             .with_label_values(&[name])

@@ -104,6 +104,31 @@ impl PollDatabase {
             .connect(&url)
             .await
             .map_err(database("cannot connect to the database"))?;
+        // A standby sees none of the primary's open transactions: its horizon would not hold.
+        let (standby, sees_all): (bool, bool) = sqlx::query_as(
+            "SELECT pg_is_in_recovery(), \
+             pg_has_role(current_user, 'pg_read_all_stats', 'MEMBER') \
+             OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)",
+        )
+        .fetch_one(&pool)
+        .await
+        .map_err(database("cannot read the server's role"))?;
+        if standby {
+            return Err(PollError::Table {
+                poll: poll.clone(),
+                detail: "database_url names a standby (pg_is_in_recovery()), which cannot see \
+                         the primary's open transactions: poll the primary"
+                    .to_owned(),
+            });
+        }
+        if !sees_all {
+            tracing::warn!(
+                poll = %poll,
+                "the role lacks pg_read_all_stats: transactions of other roles are invisible to \
+                 the horizon, and only `grace` protects rows they write (GRANT pg_read_all_stats \
+                 TO the role)"
+            );
+        }
         let columns: HashMap<String, String> = sqlx::query(
             "SELECT a.attname::text, format_type(a.atttypid, NULL) FROM pg_attribute a \
              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
