@@ -266,11 +266,7 @@ impl Config {
             return Err(no_pipeline());
         }
         poll::validate_polls(&self.polls)?;
-        for pipeline in &self.pipelines {
-            if let Some(reconcile) = &pipeline.reconcile {
-                poll::validate_reconcile(&pipeline.name, reconcile)?;
-            }
-        }
+        poll::validate_reconciles(&self.pipelines)?;
         chains::reject_loops(&self.pipelines)?;
         endpoints::validate_webhooks(&self.webhooks)?;
         if let Some(ingress) = &self.ingress {

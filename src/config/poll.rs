@@ -227,10 +227,16 @@ pub(super) fn validate_polls(polls: &[PollConfig]) -> Result<(), ConfigError> {
     Ok(())
 }
 
-pub(super) fn validate_reconcile(
-    pipeline: &str,
-    reconcile: &ReconcileConfig,
-) -> Result<(), ConfigError> {
+pub(super) fn validate_reconciles(pipelines: &[super::PipelineConfig]) -> Result<(), ConfigError> {
+    for pipeline in pipelines {
+        if let Some(reconcile) = &pipeline.reconcile {
+            validate_reconcile(&pipeline.name, reconcile)?;
+        }
+    }
+    Ok(())
+}
+
+fn validate_reconcile(pipeline: &str, reconcile: &ReconcileConfig) -> Result<(), ConfigError> {
     let at = |key: &str| format!("pipeline `{pipeline}` reconcile.{key}");
     validate_database_url(
         &at,
