@@ -90,14 +90,7 @@ impl PollDatabase {
         if url.starts_with("sqlite:") {
             return connect_sqlite(config, &url).await;
         }
-        let database = |context| {
-            let poll = poll.clone();
-            move |source| PollError::Database {
-                poll,
-                context,
-                source,
-            }
-        };
+        let database = |context| database_error(&poll, context);
         let pool = PgPoolOptions::new()
             .max_connections(2)
             .acquire_timeout(Duration::from_secs(10))
@@ -374,11 +367,7 @@ impl PollDatabase {
     }
 
     fn error(&self, context: &'static str, source: sqlx::Error) -> PollError {
-        PollError::Database {
-            poll: self.poll.clone(),
-            context,
-            source,
-        }
+        database_error(&self.poll, context)(source)
     }
 }
 
@@ -407,16 +396,19 @@ fn sqlite_value(row: &SqliteRow, index: usize) -> Result<(Value, bool), sqlx::Er
     ))
 }
 
+/// Maps a sqlx error of `poll` to [`PollError::Database`] with what was being done.
+fn database_error(poll: &str, context: &'static str) -> impl FnOnce(sqlx::Error) -> PollError {
+    let poll = poll.to_owned();
+    move |source| PollError::Database {
+        poll,
+        context,
+        source,
+    }
+}
+
 async fn connect_sqlite(config: &PollConfig, url: &str) -> Result<PollDatabase, PollError> {
     let poll = config.name.clone();
-    let database = |context| {
-        let poll = poll.clone();
-        move |source| PollError::Database {
-            poll,
-            context,
-            source,
-        }
-    };
+    let database = |context| database_error(&poll, context);
     let options = SqliteConnectOptions::from_str(url)
         .map_err(database("the SQLite URL is invalid"))?
         .busy_timeout(Duration::from_secs(5));
